@@ -1,0 +1,91 @@
+"""AdaBound and AMSBound (Luo et al., ICLR 2019): Adam whose per-element step size is clipped into bounds that close
+on ``final_lr`` over time, so training moves from Adam-like to SGD-like."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from optstudy.optim._adam import _AdamBase
+from optstudy.optim._pieces import clip_, coupled_decay, ema_, ema_sq_, max_
+from optstudy.optim._rules import fail
+from optstudy.optim.bounds import make_bound
+
+
+def _adabound_kernel(p, g, m, v, *v_max, step_size, lo, hi, beta1, beta2, eps, wd, decay):
+    g = coupled_decay(p, g, wd, decay)
+    ema_(m, g, beta1)
+    ema_sq_(v, g, beta2)
+    if v_max:
+        v = max_(v_max[0], v)
+    p.sub_(clip_(step_size / (v.sqrt() + eps), lo, hi) * m)
+
+
+class AdaBound(_AdamBase):
+    r"""AdaBound and, with ``amsbound=True``, AMSBound, as the authors' code (PyPI ``adabound`` 0.0.5) computes them::
+
+        m ← β1·m + (1-β1)·g;  v ← β2·v + (1-β2)·g²;  amsbound: v̄ ← max(v̄, v), v ← v̄
+        η* = final_lr·η/η0                     (η0: the group's lr when it was added, kept as ``initial_lr``)
+        s  = clip(η·√bc2 / (bc1·(√v + ε)), η*·lower(t), η*·upper(t))
+        θ ← θ - s ⊙ m
+
+    with ``lower``/``upper`` from the ``bound`` schedule (default: the code's hyperbolic ``1 - 1/(γt+1)``,
+    ``1 + 1/(γt)``; see ``optstudy.optim.bounds``). Because η* follows η/η0, an LR scheduler moves the bounds too.
+    Defaults lr=1e-3, betas=(0.9, 0.999), final_lr=0.1, gamma=1e-3, eps=1e-8. Effective learning rate ``s``;
+    direction ``m``.
+
+    Departures from the reference code, all in its failure cases: η0 lives in the param group (saved by
+    ``state_dict``, set for groups added later, where the code raises or silently skips them); lr=0 at construction
+    (the code divides by zero) and gamma <= 0 are rejected with a ``ConfigError``. ε is added to √v, not √v̂ as in
+    torch's Adam, so with ``bound="none"`` this equals ``torch.optim.Adam(eps=0)`` only when ε = 0.
+    ``gamma`` configures the hyperbolic schedule; ``bound`` picks another family (``"exponential"``,
+    ``{"name": "linear", "horizon": 5000}``, a ``BoundSchedule`` instance, ...).
+    """
+
+    name = "adabound"
+    DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), final_lr=0.1, gamma=1e-3, eps=1e-8, weight_decay=0.0,
+                    bound=None, decoupled_weight_decay=False)
+    FIXED = dict(amsbound=False)
+    kernel = staticmethod(_adabound_kernel)
+
+    def prepare_group(self, group):
+        super().prepare_group(group)
+        group.setdefault("initial_lr", group["lr"])
+        if not group["initial_lr"] > 0:
+            raise fail(f"optimizer {self.name}", "lr", "must be > 0 when the optimizer is built (the bounds scale "
+                       "with lr / initial lr)", group["initial_lr"])
+        group["bound"] = make_bound(group["bound"] or "hyperbolic", gamma=group["gamma"], beta2=group["betas"][1])
+
+    def buffers(self, group):
+        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsbound"] else ())
+
+    def bounds(self, group, t: int) -> tuple[float, float]:
+        """The (lower, upper) bound on the step size at step ``t`` for this group's current lr."""
+        final = group["final_lr"] * group["lr"] / group["initial_lr"]
+        return final * group["bound"].lower(t), final * group["bound"].upper(t)
+
+    def scalars(self, group, state):
+        bc1, bc2 = self.corrections(group, state)
+        beta1, beta2 = group["betas"]
+        lo, hi = self.bounds(group, state["step"])
+        return dict(step_size=group["lr"] * math.sqrt(bc2) / bc1, lo=float(lo), hi=float(hi), beta1=beta1,
+                    beta2=beta2, eps=float(group["eps"]))
+
+    def _raw_lr(self, state, s) -> torch.Tensor:
+        v = state.get("max_exp_avg_sq", state["exp_avg_sq"])
+        return s["step_size"] / (v.sqrt() + s["eps"])
+
+    def effective_lr(self, p, state, group, s):
+        return self._raw_lr(state, s).clamp_(s["lo"], s["hi"])
+
+    def clip_counts(self, p, state, group, s) -> tuple[torch.Tensor, torch.Tensor]:
+        """Number of elements of ``p`` whose step size was raised to the lower / cut to the upper bound."""
+        raw = self._raw_lr(state, s)
+        return (raw < s["lo"]).sum(), (raw > s["hi"]).sum()
+
+
+class AMSBound(AdaBound):
+    __doc__ = AdaBound.__doc__
+    name = "amsbound"
+    FIXED = dict(amsbound=True)

@@ -1,0 +1,80 @@
+"""SGD, SGD with momentum and Nesterov momentum (one class; the registry names fix the flags)."""
+
+from __future__ import annotations
+
+import torch
+
+from optstudy.optim._base import CoreOptimizer
+from optstudy.optim._pieces import coupled_decay
+from optstudy.optim._rules import fail
+
+
+def _sgd_kernel(p, g, *buf, lr, wd, decay, mu_buf, keep, mu_look):
+    g = coupled_decay(p, g, wd, decay)
+    if buf:  # momentum trace: b = mu_buf·b + keep·g (mu_buf=0, keep=1 on the first step: b_1 = g)
+        (b,) = buf
+        b.mul_(mu_buf).add_(g * keep)
+        g = g + b * mu_look if mu_look != 0 else b
+    p.sub_(g * lr)
+
+
+class _SGDBase(CoreOptimizer):
+    r"""Stochastic gradient descent, with optional (Nesterov) momentum.
+
+    With gradient :math:`g` (plus :math:`λθ` when ``weight_decay=λ``), learning rate :math:`η`, momentum :math:`μ`,
+    dampening :math:`τ`::
+
+        sgd:       θ ← θ - η·g
+        momentum:  b_1 = g_1;  b ← μ·b + (1-τ)·g;  θ ← θ - η·b
+        nesterov:  b as above (τ = 0);             θ ← θ - η·(g + μ·b)
+
+    Equal to ``torch.optim.SGD(lr, momentum, dampening, nesterov)``; defaults: lr=1e-3 (torch ≥ 2.x), μ=0.9 for the
+    ``momentum`` and ``nesterov`` names. Effective learning rate: η everywhere; direction: the momentum buffer
+    ``b`` for momentum, ``g + μ·b`` for Nesterov, ``g`` for plain SGD.
+    """
+
+    kernel = staticmethod(_sgd_kernel)
+
+    def prepare_group(self, group):
+        super().prepare_group(group)
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            rule = "must be 0 with Nesterov momentum" if group["dampening"] != 0 else "must be > 0 with Nesterov"
+            key = "dampening" if group["dampening"] != 0 else "momentum"
+            raise fail(f"optimizer {self.name}", key, rule, group[key])
+
+    def buffers(self, group):
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def scalars(self, group, state):
+        mu = float(group["momentum"])
+        first = state["step"] == 1
+        return dict(
+            lr=float(group["lr"]),
+            mu_buf=0.0 if first else mu,
+            keep=1.0 if first else 1.0 - float(group["dampening"]),
+            mu_look=mu if group["nesterov"] else 0.0,
+        )
+
+    def effective_lr(self, p, state, group, s):
+        return torch.full_like(p, s["lr"])
+
+
+class SGD(_SGDBase):
+    __doc__ = _SGDBase.__doc__
+    name = "sgd"
+    DEFAULTS = dict(lr=1e-3, weight_decay=0.0, decoupled_weight_decay=False)
+    FIXED = dict(momentum=0.0, dampening=0.0, nesterov=False)
+
+
+class Momentum(_SGDBase):
+    __doc__ = _SGDBase.__doc__
+    name = "momentum"
+    DEFAULTS = dict(lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0, decoupled_weight_decay=False)
+    FIXED = dict(nesterov=False)
+
+
+class Nesterov(_SGDBase):
+    __doc__ = _SGDBase.__doc__
+    name = "nesterov"
+    DEFAULTS = dict(lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0, decoupled_weight_decay=False)
+    FIXED = dict(nesterov=True)
