@@ -1,0 +1,74 @@
+"""``train.py``: Hydra composition of ``conf/`` and a short real training run per optimizer."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+import optstudy.optim as o
+from optstudy.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cfg(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_one_optimizer_file_per_name_with_the_reference_defaults():
+    files = {p.stem for p in (ROOT / "conf" / "optimizer").glob("*.yaml")}
+    assert files == set(o.NAMES)
+    for name in o.NAMES:
+        conf = yaml.safe_load((ROOT / "conf" / "optimizer" / f"{name}.yaml").read_text())
+        expected = {k: list(v) if isinstance(v, tuple) else v for k, v in o.defaults(name).items()
+                    if k not in ("bound", "gamma")}
+        assert conf == {"name": name, **expected}
+
+
+@pytest.mark.parametrize("name", o.NAMES)
+def test_every_optimizer_trains_the_default_problem(name):
+    loss = run(cfg(f"optimizer={name}", "trainer.max_epochs=1"))
+    assert math.isfinite(loss)
+
+
+@pytest.mark.parametrize("bound", ["hyperbolic", "paper", "exponential", "linear", "none"])
+def test_bound_schedules_compose(bound):
+    assert math.isfinite(run(cfg("optimizer=amsbound", f"bound={bound}", "trainer.max_epochs=1")))
+
+
+def test_training_learns_and_is_deterministic():
+    a = run(cfg("optimizer=adam", "optimizer.lr=3e-3", "trainer.max_epochs=3", "seed=3"))
+    b = run(cfg("optimizer=adam", "optimizer.lr=3e-3", "trainer.max_epochs=3", "seed=3"))
+    assert a == b and a < 1.0  # ln(10) = 2.30 at chance
+
+
+def _train(*args):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_command_line_bad_value_is_one_paragraph_without_traceback():
+    res = _train("optimizer=adam", "optimizer.lr=-1")
+    assert res.returncode == 2
+    assert "error: optimizer adam: lr must be a number >= 0, got -1" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_command_line_unknown_choice_lists_the_valid_ones():
+    res = _train("optimizer=adm")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "optimizer/adm" in res.stderr and "amsbound" in res.stderr
+
+
+def test_command_line_help_lists_groups():
+    res = _train("--help")
+    assert res.returncode == 0
+    for group in ("optimizer", "bound", "model", "data", "trainer"):
+        assert group in res.stdout
+    assert "amsbound" in res.stdout and "exponential" in res.stdout

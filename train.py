@@ -1,0 +1,29 @@
+"""Train one model with one optimizer of the core: ``python train.py optimizer=amsbound optimizer.lr=3e-4``.
+
+Composes ``conf/`` with Hydra (``python train.py --help`` lists the groups and their choices) and returns the
+objective value so that studies can optimize it. User mistakes end with a one-paragraph error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from optstudy.errors import OptstudyError
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    from optstudy.train import run
+
+    try:
+        return run(cfg)
+    except OptstudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
