@@ -9,13 +9,15 @@ gradient. There is no backward pass, so only the step is timed. For each name in
 - ours with ``impl="loop"`` (eager, per tensor) and with ``impl="compiled"`` (``torch.compile`` per tensor);
 - for adabound and amsbound, the authors' reference code as well (PyPI ``adabound`` 0.0.5).
 
-Each timing is the median over ``--repeats`` runs of ``--steps`` consecutive steps, in ms per step. The timed runs
-start after warm-up steps, so state allocation and compilation are left out. The wall time of the first step is
-reported on its own ("first s"); for the compiled path, that is the compile time. Steps keep changing the
+Each timing is the median over ``--repeats`` runs of ``--steps`` consecutive steps, in ms per step. The runs of one
+optimizer's implementations are interleaved, so each ratio compares timings taken under the same conditions. The
+timed runs start after warm-up steps, so state allocation and compilation are left out. The wall time of the first
+step is reported on its own ("first s"); for the compiled path, that is the compile time. Steps keep changing the
 parameters and state, which does not affect the timing. Afterwards the script prints each goal as PASS or FAIL and
-exits with 0 either way: it is a report, not a test.
+exits with 0 either way: it is a report, not a test. Other processes on the machine distort the numbers. A note
+flags each measurement where they used CPU or where the repeats disagreed; run it again on an idle machine.
 
-Run from the repository root (takes a few minutes on a 2-core CPU)::
+Run from the repository root (about a minute on a 2-core CPU)::
 
     .venv/bin/python benchmarks/optimizer_step.py
     .venv/bin/python benchmarks/optimizer_step.py --names adam,adabound --repeats 3 --steps 3
@@ -24,10 +26,11 @@ Run from the repository root (takes a few minutes on a 2-core CPU)::
 from __future__ import annotations
 
 import argparse
-import gc
+import os
 import statistics
 import time
 import warnings
+from typing import Callable
 
 import torch
 from torch._dynamo.utils import counters
@@ -36,7 +39,8 @@ import optstudy.optim as o
 
 COMPILED_MAX_RATIO = 1.5  # goal: compiled step within 1.5x of torch's fastest implementation
 REFERENCE_MIN_SPEEDUP = 8.0  # goal: adabound/amsbound compiled >= 8x faster than the reference code
-NOISY_SPREAD = 1.5  # a measurement whose slowest repeat is this much slower than its fastest is flagged
+NOISY_SPREAD = 1.5  # flag a measurement whose slowest repeat is this much slower than its fastest
+BUSY_CORES = 0.2  # flag a measurement during which other processes kept this many cores busy on average
 REFERENCE_NAMES = ("adabound", "amsbound")
 
 # name -> (torch.optim class, keywords besides lr) of the same algorithm (the speed baseline for adabound/amsbound)
@@ -80,24 +84,23 @@ def make_params(shapes, dtype) -> list[torch.Tensor]:
     return params
 
 
-def torch_baseline(name: str, dtype) -> tuple[str, callable]:
+def torch_baseline(name: str, dtype) -> tuple[str, Callable]:
     """(label, factory) for torch's fastest implementation of ``name``: fused if constructing and stepping a fused
     optimizer works for this dtype on the CPU, else foreach."""
     cls_name, kwargs = TORCH_EQUIVALENT[name]
     cls, lr = getattr(torch.optim, cls_name), o.defaults(name)["lr"]
-    flags = "".join(f"({k})" for k, v in kwargs.items() if v is True)
     try:
         probe = torch.zeros(4, dtype=dtype, requires_grad=True)
         probe.grad = torch.ones_like(probe)
         cls([probe], lr=lr, fused=True, **kwargs).step()
-        mode = {"fused": True}
+        kind = "fused"
     except (TypeError, RuntimeError, ValueError):
-        mode = {"foreach": True}
-    label = f"{next(iter(mode))} {cls_name}{flags}"
-    return label, lambda params: cls(params, lr=lr, **kwargs, **mode)
+        kind = "foreach"
+    label = f"{kind} {cls_name}" + (f"({','.join(kwargs)})" if kwargs else "")
+    return label, lambda params: cls(params, lr=lr, **kwargs, **{kind: True})
 
 
-def reference_factory(name: str) -> callable:
+def reference_factory(name: str) -> Callable:
     import adabound
 
     d = o.defaults(name)  # the same lr, final_lr, gamma, betas, eps as ours
@@ -105,40 +108,53 @@ def reference_factory(name: str) -> callable:
                                             gamma=d["gamma"], eps=d["eps"], amsbound=name == "amsbound")
 
 
-def measure(factory, shapes, dtype, args) -> dict:
-    """First-step seconds, warm-up, then the median ms/step; also the dynamo graphs compiled after the first step."""
-    params = make_params(shapes, dtype)
-    opt = factory(params)
+def machine_cpu_seconds() -> float:
+    """CPU seconds that all processes have used so far (Linux /proc/stat); NaN where that is not available."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return float("nan")
+
+
+def time_steps(opt, steps: int) -> float:
+    """Seconds per step over ``steps`` consecutive steps."""
     t0 = time.perf_counter()
-    opt.step()
-    first_s = time.perf_counter() - t0
-    graphs_before = counters["stats"]["unique_graphs"]
-    for _ in range(args.warmup):
+    for _ in range(steps):
         opt.step()
-    samples = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            opt.step()
-        samples.append((time.perf_counter() - t0) / args.steps)
-    result = dict(ms=1e3 * statistics.median(samples), spread=max(samples) / min(samples), first_s=first_s,
-                  late_graphs=counters["stats"]["unique_graphs"] - graphs_before, impl=getattr(opt, "impl", None))
-    del opt, params
-    gc.collect()
-    return result
+    return (time.perf_counter() - t0) / steps
 
 
 def bench(name: str, shapes, dtype, args) -> dict:
+    """Times torch's baseline, our loop and compiled paths (and the reference code) for ``name``, interleaved: each
+    repeat steps every one of them in turn, so that their ratios hold even though the machine's speed drifts (by
+    ~1.5x over minutes on a shared VM)."""
     label, torch_factory = torch_baseline(name, dtype)
-    row = dict(name=name, label=label, torch=measure(torch_factory, shapes, dtype, args))
-    for impl in ("loop", "compiled"):
-        row[impl] = measure(lambda params: o.build(name, params, impl=impl), shapes, dtype, args)
+    factories = {"torch": torch_factory, "loop": lambda params: o.build(name, params, impl="loop"),
+                 "compiled": lambda params: o.build(name, params, impl="compiled")}
     if name in REFERENCE_NAMES:
-        row["reference"] = measure(reference_factory(name), shapes, dtype, args)
+        factories["reference"] = reference_factory(name)
+    opts = {key: make(make_params(shapes, dtype)) for key, make in factories.items()}
+    first_s = {key: time_steps(opt, 1) for key, opt in opts.items()}
+    graphs_before = counters["stats"]["unique_graphs"]
+    for opt in opts.values():
+        time_steps(opt, args.warmup)
+    samples = {key: [] for key in opts}
+    machine0, own0, wall0 = machine_cpu_seconds(), time.process_time(), time.perf_counter()
+    for _ in range(args.repeats):
+        for key, opt in opts.items():
+            samples[key].append(time_steps(opt, args.steps))
+    other_cpu = machine_cpu_seconds() - machine0 - (time.process_time() - own0) - 2 / os.sysconf("SC_CLK_TCK")
+    row = dict(name=name, label=label, first_s=first_s["compiled"], impl=opts["compiled"].impl,
+               late_graphs=counters["stats"]["unique_graphs"] - graphs_before,
+               others=max(other_cpu, 0.0) / (time.perf_counter() - wall0))  # cores; /proc/stat counts whole ticks
+    for key, secs in samples.items():
+        row[key] = dict(ms=1e3 * statistics.median(secs), spread=max(secs) / min(secs))
     return row
 
 
-HEADER = (f"{'name':9} {'torch baseline':22} {'torch ms':>9} {'loop ms':>9} {'comp ms':>9} {'comp/torch':>10} "
+HEADER = (f"{'name':9} {'torch baseline':28} {'torch ms':>9} {'loop ms':>9} {'comp ms':>9} {'comp/torch':>10} "
           f"{'loop/torch':>10} {'first s':>8} {'ref ms':>9} {'ref/comp':>9}")
 
 
@@ -146,22 +162,23 @@ def format_row(row: dict) -> str:
     t, loop, comp = row["torch"]["ms"], row["loop"]["ms"], row["compiled"]["ms"]
     ref = row.get("reference")
     ref_cols = f"{ref['ms']:9.1f} {ref['ms'] / comp:8.1f}x" if ref else f"{'':9} {'':9}"
-    return (f"{row['name']:9} {row['label']:22} {t:9.1f} {loop:9.1f} {comp:9.1f} {comp / t:9.2f}x {loop / t:9.2f}x "
-            f"{row['compiled']['first_s']:8.1f} {ref_cols}")
+    return (f"{row['name']:9} {row['label']:28} {t:9.1f} {loop:9.1f} {comp:9.1f} {comp / t:9.2f}x {loop / t:9.2f}x "
+            f"{row['first_s']:8.1f} {ref_cols}")
 
 
 def notes(row: dict) -> list[str]:
     """Anything that makes a timing suspect: a fallback to the loop, compiling during the timed steps, or repeats
     that disagree (other processes competing for the cores)."""
-    comp, out = row["compiled"], []
+    out = []
+    if row["others"] > BUSY_CORES:
+        out.append(f"{row['name']}: other processes kept {row['others']:.1f} cores busy; rerun on an idle machine")
     for key in ("torch", "loop", "compiled", "reference"):
         if key in row and row[key]["spread"] > NOISY_SPREAD:
-            out.append(f"{row['name']}: {key} repeats varied {row[key]['spread']:.1f}x (slowest/fastest); the machine "
-                       "was probably busy, rerun when it is idle")
-    if comp["impl"] != "compiled":
-        out.append(f"{row['name']}: the compiled optimizer fell back to impl={comp['impl']!r} (torch.compile failed)")
-    if comp["late_graphs"]:
-        out.append(f"{row['name']}: {comp['late_graphs']} dynamo graph(s) compiled after the first step (recompiles)")
+            out.append(f"{row['name']}: {key} repeats varied {row[key]['spread']:.1f}x (slowest/fastest)")
+    if row["impl"] != "compiled":
+        out.append(f"{row['name']}: the compiled optimizer fell back to impl={row['impl']!r} (torch.compile failed)")
+    if row["late_graphs"]:
+        out.append(f"{row['name']}: {row['late_graphs']} dynamo graph(s) compiled after the first step (recompiles)")
     return out
 
 
@@ -170,7 +187,7 @@ def goals(rows: list[dict]) -> list[tuple[bool, str]]:
     out = []
     for row in rows:
         ratio = row["compiled"]["ms"] / row["torch"]["ms"]
-        ok = ratio <= COMPILED_MAX_RATIO and row["compiled"]["impl"] == "compiled"
+        ok = ratio <= COMPILED_MAX_RATIO and row["impl"] == "compiled"
         out.append((ok, f"{row['name']}: compiled within {COMPILED_MAX_RATIO}x of {row['label']} ({ratio:.2f}x)"))
         if "reference" in row:
             speedup = row["reference"]["ms"] / row["compiled"]["ms"]
@@ -183,7 +200,7 @@ def goals(rows: list[dict]) -> list[tuple[bool, str]]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--names", default=",".join(o.NAMES), help="comma-separated optimizer names (default: all)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; the median is reported")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement; the median is reported")
     parser.add_argument("--steps", type=int, default=5, help="consecutive steps per timed run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first step")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))

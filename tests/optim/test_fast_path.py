@@ -12,8 +12,12 @@ from tests.optim.cases import CASES, assert_same, case_params, make_params, traj
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("bucket", [True, False], ids=["bucketed", "per-tensor"])
 @pytest.mark.parametrize("name,hp", case_params())
-def test_compiled_equals_loop(name, hp):
+def test_compiled_equals_loop(name, hp, bucket, monkeypatch):
+    """Small tensors share one compiled call (bucketed); large ones get their own (per-tensor)."""
+    if not bucket:
+        monkeypatch.setattr(_base, "BUCKET_NUMEL", 0)
     fast, slow = make_params(), make_params()
     opt_f, opt_s = o.build(name, fast, impl="compiled", **hp), o.build(name, slow, impl="loop", **hp)
     sched_f = torch.optim.lr_scheduler.ExponentialLR(opt_f, gamma=0.9)
@@ -25,7 +29,7 @@ def test_compiled_equals_loop(name, hp):
     a += trajectory(opt_f, fast, 22, start=3, scheduler=sched_f)
     b = trajectory(opt_s, slow, 25, scheduler=sched_s)
     assert opt_f.impl == "compiled", "fell back to the loop"
-    assert 0 < graphs <= 3, "compiled graphs: static, dynamic, size-1 tensor"
+    assert 0 < graphs <= 3, "compiled graphs: at most static, dynamic, size-1 tensor"
     # lr, bias corrections and bounds change every step without recompiling
     assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
     assert_same(a, b)

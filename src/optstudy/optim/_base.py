@@ -32,12 +32,17 @@ log = logging.getLogger(__name__)
 
 IMPLS = ("auto", "loop", "compiled")
 AUTO_COMPILE_NUMEL = 1 << 20
+BUCKET_NUMEL = 1 << 16  # compiled: tensors smaller than this share one call per step (see _run_bucket)
 
 _compiled: dict[Callable, Callable] = {}
 
 
 def _compile(kernel: Callable) -> Callable:
     if kernel not in _compiled:
+        # one kernel serves several variants (sgd/momentum/nesterov, with and without AMSGrad's buffer), each with a
+        # static, a dynamic and a size-1 graph: dynamo's default limit of 8 graphs per function would silently send
+        # the later variants back to eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _compiled[kernel] = torch.compile(kernel, dynamic=True)
     return _compiled[kernel]
 
@@ -116,15 +121,27 @@ class CoreOptimizer(torch.optim.Optimizer):
             return {"wd": 0.0, "decay": 1.0 - float(group["lr"]) * wd}
         return {"wd": wd, "decay": 1.0}
 
-    def _run_kernel(self, p: torch.Tensor, tensors: list[torch.Tensor], s: dict) -> None:
+    def _run_kernel(self, tensors: list[torch.Tensor], s: dict) -> None:
         if self.impl == "compiled" and all(t.is_contiguous() for t in tensors):
             try:
-                _compile(type(self).kernel)(*[t.view(-1) for t in tensors], **s)
+                _compile(type(self).kernel)(*[t.detach().view(-1) for t in tensors], **s)
                 return
             except Exception as exc:  # no C++ compiler, unsupported backend, ...: stay correct, warn once
                 log.warning("optimizer %s: torch.compile failed (%s); using the eager loop", self.name, exc)
                 self.impl = "loop"
         type(self).kernel(*tensors, **s)
+
+    def _run_bucket(self, members: list[list[torch.Tensor]], s: dict) -> None:
+        """One compiled call over small tensors concatenated: a compiled call costs ~40 µs however small the tensor,
+        so ResNet-18's ~40 bias and norm vectors would cost more than its conv weights. Copies are cheap at this size.
+        """
+        columns = list(zip(*members))  # p, g, buffers...: each a list over the members
+        flats = [torch.cat([t.view(-1) for t in column]) for column in columns]
+        self._run_kernel(flats, s)
+        sizes = [t.numel() for t in columns[0]]
+        for i, (column, flat) in enumerate(zip(columns, flats)):
+            if i != 1:  # everything but the gradient was updated
+                torch._foreach_copy_([t.view(-1) for t in column], list(flat.split(sizes)))
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
@@ -135,23 +152,34 @@ class CoreOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._last = []
         for group in self.param_groups:
-            decay = self._weight_decay(group)
-            stepped = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ConfigError(f"optimizer {self.name}: sparse gradients are not supported")
-                state = self.state[p]
-                if not state:
-                    self.init_state(p, state, group)
-                state["step"] += 1
-                s = {**self.scalars(group, state), **decay}
-                self._run_kernel(p, [p, p.grad, *(state[b] for b in self.buffers(group))], s)
-                self.after_kernel(state, group)
-                stepped.append((p, s))
-            self._last.append((group, stepped))
+            self._last.append((group, self._step_group(group)))
         return loss
+
+    def _step_group(self, group: dict) -> list[tuple[torch.Tensor, dict]]:
+        decay = self._weight_decay(group)
+        names = self.buffers(group)
+        stepped, buckets = [], {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ConfigError(f"optimizer {self.name}: sparse gradients are not supported")
+            state = self.state[p]
+            if not state:
+                self.init_state(p, state, group)
+            state["step"] += 1
+            s = {**self.scalars(group, state), **decay}
+            tensors = [p, p.grad, *(state[b] for b in names)]
+            if self.impl == "compiled" and p.numel() < BUCKET_NUMEL and all(t.is_contiguous() for t in tensors):
+                buckets.setdefault((p.dtype, p.device, *s.values()), (s, []))[1].append(tensors)
+            else:
+                self._run_kernel(tensors, s)
+            stepped.append((p, s))
+        for s, members in buckets.values():
+            self._run_bucket(members, s)
+        for p, _ in stepped:
+            self.after_kernel(self.state[p], group)
+        return stepped
 
     # -- effective learning rates -------------------------------------------------------------------------------
     def last_step(self) -> Iterator[tuple[int, dict, torch.Tensor, dict]]:
