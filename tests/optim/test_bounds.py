@@ -72,7 +72,7 @@ def test_every_step_size_stays_within_the_schedule(name, spec):
 
 def test_gamma_configures_the_default_schedule():
     opt = o.build("adabound", make_params(), gamma=0.2)
-    assert opt.param_groups[0]["bound"] == Hyperbolic(0.2)
+    assert opt.param_groups[0]["bound"] == {"name": "hyperbolic", "gamma": 0.2}
     lo, hi = opt.bounds(opt.param_groups[0], 10)
     assert lo == pytest.approx(0.1 * (1 - 1 / 3)) and hi == pytest.approx(0.1 * 1.5)
 
@@ -90,5 +90,5 @@ def test_schedule_is_saved_with_the_state_dict():
     a = o.build("amsbound", make_params(), bound={"name": "linear", "horizon": 77})
     b = o.build("amsbound", make_params())
     b.load_state_dict(a.state_dict())
-    assert b.param_groups[0]["bound"] == Linear(77) and b.param_groups[0]["initial_lr"] == 1e-3
+    assert b.param_groups[0]["bound"] == Linear(77).params() and b.param_groups[0]["initial_lr"] == 1e-3
     assert not math.isinf(Linear(77).upper(78))

@@ -3,6 +3,7 @@ on ``final_lr`` over time, so training moves from Adam-like to SGD-like."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -10,7 +11,12 @@ import torch
 from optstudy.optim._adam import _AdamBase
 from optstudy.optim._pieces import clip_, coupled_decay, ema_, ema_sq_, max_
 from optstudy.optim._rules import fail
-from optstudy.optim.bounds import make_bound
+from optstudy.optim.bounds import BoundSchedule, make_bound
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule(items: tuple) -> BoundSchedule:
+    return make_bound(dict(items))
 
 
 def _adabound_kernel(p, g, m, v, *v_max, step_size, lo, hi, beta1, beta2, eps, wd, decay):
@@ -40,7 +46,7 @@ class AdaBound(_AdamBase):
     (the code divides by zero) and gamma <= 0 are rejected with a ``ConfigError``. ε is added to √v, not √v̂ as in
     torch's Adam, so with ``bound="none"`` this equals ``torch.optim.Adam(eps=0)`` only when ε = 0.
     ``gamma`` configures the hyperbolic schedule; ``bound`` picks another family (``"exponential"``,
-    ``{"name": "linear", "horizon": 5000}``, a ``BoundSchedule`` instance, ...).
+    ``{"name": "linear", "horizon": 5000}``, a ``BoundSchedule`` instance, ...); the group keeps it as a dict.
     """
 
     name = "adabound"
@@ -55,7 +61,9 @@ class AdaBound(_AdamBase):
         if not group["initial_lr"] > 0:
             raise fail(f"optimizer {self.name}", "lr", "must be > 0 when the optimizer is built (the bounds scale "
                        "with lr / initial lr)", group["initial_lr"])
-        group["bound"] = make_bound(group["bound"] or "hyperbolic", gamma=group["gamma"], beta2=group["betas"][1])
+        # kept as a plain dict ({"name": ..., **params}) so that state dicts load with torch.load(weights_only=True)
+        group["bound"] = make_bound(group["bound"] or "hyperbolic", gamma=group["gamma"],
+                                    beta2=group["betas"][1]).params()
 
     def buffers(self, group):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsbound"] else ())
@@ -63,7 +71,8 @@ class AdaBound(_AdamBase):
     def bounds(self, group, t: int) -> tuple[float, float]:
         """The (lower, upper) bound on the step size at step ``t`` for this group's current lr."""
         final = group["final_lr"] * group["lr"] / group["initial_lr"]
-        return final * group["bound"].lower(t), final * group["bound"].upper(t)
+        schedule = _schedule(tuple(group["bound"].items()))
+        return final * schedule.lower(t), final * schedule.upper(t)
 
     def scalars(self, group, state):
         bc1, bc2 = self.corrections(group, state)
