@@ -12,6 +12,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 import optstudy.optim as o
+from optstudy.errors import ConfigError
 from optstudy.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +48,12 @@ def test_training_learns_and_is_deterministic():
     a = run(cfg("optimizer=adam", "optimizer.lr=3e-3", "trainer.max_epochs=3", "seed=3"))
     b = run(cfg("optimizer=adam", "optimizer.lr=3e-3", "trainer.max_epochs=3", "seed=3"))
     assert a == b and a < 1.0  # ln(10) = 2.30 at chance
+
+
+def test_a_bad_objective_fails_before_training(capsys):
+    with pytest.raises(ConfigError, match=r"objective must be one of train_loss, val_loss, val_acc, got 'val_los'"):
+        run(cfg("objective=val_los"))
+    assert "epoch" not in capsys.readouterr().out
 
 
 def _train(*args):

@@ -38,16 +38,23 @@ def evaluate(model, x, y) -> tuple[float, float]:
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
+METRICS = ("train_loss", "val_loss", "val_acc")
+
+
 def run(cfg: DictConfig) -> float:
+    # checked before any work, so a typo does not cost a whole training run
+    if cfg.objective not in METRICS:
+        raise ConfigError(f"objective must be one of {', '.join(METRICS)}, got {cfg.objective!r}")
+    batch = cfg.data.batch_size
+    if not (isinstance(batch, int) and batch > 0):
+        raise ConfigError(f"data.batch_size must be an integer > 0, got {batch!r}")
     torch.manual_seed(cfg.seed)
     (x_tr, y_tr), (x_val, y_val) = data.load(cfg.data, cfg.seed)
     model = models.build(cfg.model, x_tr.shape[1], int(y_tr.max()) + 1)
     kwargs = optimizer_kwargs(cfg)
     opt = optim.build(kwargs.pop("name"), model.parameters(), **kwargs)
     gen = torch.Generator().manual_seed(cfg.seed)
-    batch, step, start = cfg.data.batch_size, 0, time.perf_counter()
-    if not (isinstance(batch, int) and batch > 0):
-        raise ConfigError(f"data.batch_size must be an integer > 0, got {batch!r}")
+    step, start = 0, time.perf_counter()
     metrics = {}
     for epoch in range(cfg.trainer.max_epochs):
         model.train()
@@ -62,10 +69,8 @@ def run(cfg: DictConfig) -> float:
             step += 1
         model.eval()
         val_loss, val_acc = evaluate(model, x_val, y_val)
-        metrics = {"train_loss": loss.item(), "val_loss": val_loss, "val_acc": val_acc}
+        metrics = dict(zip(METRICS, (loss.item(), val_loss, val_acc)))
         print(f"epoch {epoch + 1:3d}/{cfg.trainer.max_epochs}  step {step:5d}  " +
               "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-    if cfg.objective not in metrics:
-        raise ConfigError(f"objective must be one of {', '.join(metrics)}, got {cfg.objective!r}")
     print(f"done in {time.perf_counter() - start:.1f}s: {cfg.objective} = {metrics[cfg.objective]:.4f}")
     return metrics[cfg.objective]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import optstudy.optim as o
-from tests.optim.cases import CASES, assert_same, case_params, make_params, set_grads, trajectory
+from tests.optim.cases import CASES, assert_same, case_params, loss_at, make_params, set_grads, trajectory
 
 STEPS = 30
 
@@ -96,8 +96,6 @@ def test_closure_is_evaluated_and_its_loss_returned(name):
     for k in range(5):
         def closure(k=k):
             opt.zero_grad()
-            from tests.optim.cases import loss_at
-
             loss = loss_at(ours, k)
             loss.backward()
             return loss
