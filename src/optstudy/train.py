@@ -49,8 +49,9 @@ def run(cfg: DictConfig) -> float:
     if not (isinstance(batch, int) and batch > 0):
         raise ConfigError(f"data.batch_size must be an integer > 0, got {batch!r}")
     torch.manual_seed(cfg.seed)
-    (x_tr, y_tr), (x_val, y_val) = data.load(cfg.data, cfg.seed)
-    model = models.build(cfg.model, x_tr.shape[1], int(y_tr.max()) + 1)
+    d = data.load(cfg.data, cfg.seed)
+    (x_tr, y_tr), (x_val, y_val) = d.train.tensors, d.val.tensors
+    model = models.build(cfg.model, d)
     kwargs = optimizer_kwargs(cfg)
     opt = optim.build(kwargs.pop("name"), model.parameters(), **kwargs)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -1,0 +1,51 @@
+"""Datasets by name, each returned as a ``Data``: train and validation sets plus what a model needs to know.
+
+Three kinds of task share one training loop (``optstudy.lit``):
+
+- ``classification``: items ``(x, y)``, ``x`` a float tensor of ``Data.shape``, ``y`` a long class index.
+- ``language_model``: items ``(x, y)``, two long tensors of ``bptt`` token ids, ``y`` is ``x`` shifted by one;
+  ``n_classes`` is the vocabulary size.
+- ``objective``: synthetic problems whose model *is* the loss (``optstudy.models``); items are step indices.
+
+Embedded datasets (digits, MNIST-1D, synthetic) need no file; MNIST, Fashion-MNIST, CIFAR-10 and PTB read their
+original file formats from ``data.root`` and name the files they expected when these are missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from torch.utils.data import Dataset
+
+from optstudy.errors import ConfigError
+
+TASKS = ("classification", "language_model", "objective")
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    train: Dataset
+    val: Dataset
+    task: str  # one of TASKS
+    shape: tuple[int, ...] = ()  # one input example's shape (classification), () otherwise
+    n_classes: int = 0  # classes, or vocabulary size for language models
+
+
+def _registry() -> dict[str, Callable[..., Data]]:
+    from optstudy.data import _embedded
+
+    return dict(_embedded.DATASETS)
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_registry())
+
+
+def load(cfg, seed: int) -> Data:
+    """The dataset ``cfg.name`` built from the other keys of ``cfg`` (minus ``batch_size``) and the run's seed."""
+    registry = _registry()
+    if cfg.name not in registry:
+        raise ConfigError(f"data.name: unknown dataset {cfg.name!r}; valid names: {', '.join(registry)}")
+    params = {k: v for k, v in cfg.items() if k not in ("name", "batch_size", "num_workers")}
+    return registry[cfg.name](seed=seed, **params)

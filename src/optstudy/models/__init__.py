@@ -1,0 +1,40 @@
+"""Models by name: ``build(cfg, data)`` with ``cfg`` the ``model`` config group and ``data`` an ``optstudy.data.Data``.
+
+- classification models map a batch of ``data.shape`` inputs to ``(batch, data.n_classes)`` logits;
+- language models map ``(batch, bptt)`` token ids to ``(batch, bptt, vocabulary)`` logits;
+- objective models (synthetic problems) *are* the loss: ``forward(batch)`` returns the scalar training loss, and they
+  have ``val_loss()`` (the noise-free objective), ``metrics()`` (a dict of floats logged every step, e.g. the iterate
+  ``x``) and ``project_()`` (called after every optimizer step, e.g. to clip to a feasible set; may do nothing).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from optstudy.errors import ConfigError
+
+
+def _registry() -> dict[str, tuple[str, Callable[..., nn.Module]]]:
+    """name -> (task, factory(data, **params))"""
+    from optstudy.models import _dense
+
+    return dict(_dense.MODELS)
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_registry())
+
+
+def build(cfg, data) -> nn.Module:
+    registry = _registry()
+    if cfg.name not in registry:
+        raise ConfigError(f"model.name: unknown model {cfg.name!r}; valid names: {', '.join(registry)}")
+    task, factory = registry[cfg.name]
+    if task != data.task:
+        fits = ", ".join(n for n, (t, _) in registry.items() if t == data.task)
+        raise ConfigError(f"model.name: model {cfg.name!r} is for {task} data, but the dataset is a {data.task} "
+                          f"task; models for it: {fits}")
+    params = {k: v for k, v in cfg.items() if k != "name"}
+    return factory(data, **params)
