@@ -33,9 +33,9 @@ class Data:
 
 
 def _registry() -> dict[str, Callable[..., Data]]:
-    from optstudy.data import _embedded
+    from optstudy.data import _embedded, _files, _synthetic
 
-    return dict(_embedded.DATASETS)
+    return {**_embedded.DATASETS, **_files.DATASETS, **_synthetic.DATASETS}
 
 
 def names() -> tuple[str, ...]:

@@ -18,9 +18,9 @@ from optstudy.errors import ConfigError
 
 def _registry() -> dict[str, tuple[str, Callable[..., nn.Module]]]:
     """name -> (task, factory(data, **params))"""
-    from optstudy.models import _dense
+    from optstudy.models import _dense, _lm, _synthetic, _vision
 
-    return dict(_dense.MODELS)
+    return {**_dense.MODELS, **_vision.MODELS, **_lm.MODELS, **_synthetic.MODELS}
 
 
 def names() -> tuple[str, ...]:
