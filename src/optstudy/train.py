@@ -1,77 +1,152 @@
-"""One training run from a composed config: data, model, an optimizer of the core; returns the objective.
+"""One training run from a composed config: data, model, an optimizer of the core, Lightning, MLflow.
 
-A plain PyTorch loop for now; the Lightning module, MLflow tracking and effective-LR logging come with issue 3.
+``run(cfg)`` returns the value of ``cfg.objective`` at the end of training, so that studies can optimize it.
 """
 
 from __future__ import annotations
 
-import math
+import inspect
+import logging
+import os
+import sys
 import time
+import warnings
+from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.nn import functional as F
 
-import optstudy.optim as optim
-from optstudy import data, models
-from optstudy.errors import ConfigError, OptstudyError
-
-
-class Diverged(OptstudyError):
-    """The training loss became NaN or infinite."""
+from optstudy import data
+from optstudy.errors import ConfigError
+from optstudy.lit import Diverged, EpochLine, Task, optimizer_kwargs  # noqa: F401  (re-exported for callers)
+from optstudy.lrlog import EffectiveLR
+from optstudy.tracking import MLflowLogger, git_commit, tracking_uri, ui_command
 
 
-def optimizer_kwargs(cfg: DictConfig) -> dict:
-    """The optimizer's keywords from ``cfg.optimizer`` (and ``cfg.bound`` for the bounded ones)."""
-    hp = OmegaConf.to_container(cfg.optimizer, resolve=True)
-    name = hp.pop("name")
-    if "betas" in hp and isinstance(hp["betas"], list):
-        hp["betas"] = tuple(hp["betas"])
-    if "bound" in optim.defaults(name) and "bound" in cfg:
-        hp.setdefault("bound", OmegaConf.to_container(cfg.bound, resolve=True))
-    return {"name": name, **hp}
-
-
-@torch.no_grad()
-def evaluate(model, x, y) -> tuple[float, float]:
-    logits = model(x)
-    return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
-
-
-METRICS = ("train_loss", "val_loss", "val_acc")
-
-
-def run(cfg: DictConfig) -> float:
-    # checked before any work, so a typo does not cost a whole training run
-    if cfg.objective not in METRICS:
-        raise ConfigError(f"objective must be one of {', '.join(METRICS)}, got {cfg.objective!r}")
+def check(cfg: DictConfig) -> None:
+    """Checks that fail fast, before any data is loaded."""
     batch = cfg.data.batch_size
     if not (isinstance(batch, int) and batch > 0):
         raise ConfigError(f"data.batch_size must be an integer > 0, got {batch!r}")
-    torch.manual_seed(cfg.seed)
-    d = data.load(cfg.data, cfg.seed)
-    (x_tr, y_tr), (x_val, y_val) = d.train.tensors, d.val.tensors
-    model = models.build(cfg.model, d)
-    kwargs = optimizer_kwargs(cfg)
-    opt = optim.build(kwargs.pop("name"), model.parameters(), **kwargs)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    step, start = 0, time.perf_counter()
-    metrics = {}
-    for epoch in range(cfg.trainer.max_epochs):
-        model.train()
-        for idx in torch.randperm(len(x_tr), generator=gen).split(batch):
-            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
-            if not math.isfinite(loss.item()):
-                raise Diverged(f"training diverged: loss is {loss.item()} at epoch {epoch}, step {step} "
-                               f"(optimizer {cfg.optimizer.name}, lr {cfg.optimizer.lr})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-        model.eval()
-        val_loss, val_acc = evaluate(model, x_val, y_val)
-        metrics = dict(zip(METRICS, (loss.item(), val_loss, val_acc)))
-        print(f"epoch {epoch + 1:3d}/{cfg.trainer.max_epochs}  step {step:5d}  " +
-              "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-    print(f"done in {time.perf_counter() - start:.1f}s: {cfg.objective} = {metrics[cfg.objective]:.4f}")
-    return metrics[cfg.objective]
+    if cfg.trainer.get("max_epochs") is not None and not cfg.trainer.max_epochs >= 0:
+        raise ConfigError(f"trainer.max_epochs must be an integer >= 0, got {cfg.trainer.max_epochs!r}")
+
+
+def run_name(cfg: DictConfig) -> str:
+    """``amsbound lr=0.001 final_lr=0.1 hyperbolic seed=0``: the optimizer and the hyperparameters studies vary."""
+    if cfg.logger.get("run_name"):
+        return cfg.logger.run_name
+    opt = cfg.optimizer
+    parts = [opt.name, f"lr={opt.lr:g}"]
+    if "final_lr" in opt:
+        parts += [f"final_lr={opt.final_lr:g}", cfg.bound.name]
+    return " ".join(parts + [f"seed={cfg.seed}"])
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """Hydra's run directory under ``train.py``; ``outputs/<time>`` when composed by a library caller."""
+    if cfg.checkpoint.get("dir"):
+        return Path(cfg.checkpoint.dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S") / f"{os.getpid()}"
+
+
+def _quiet_lightning():
+    # Lightning's start-up lines (accelerators, tips) drown the run's own; its warnings about worker counts are
+    # about multi-process loading, which in-memory tensors do not need
+    for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda",
+                 "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*The number of training batches .* is smaller than the logging.*")
+
+
+def make_logger(cfg: DictConfig, resume_run: str | None) -> MLflowLogger | None:
+    if cfg.logger.name == "none":
+        return None
+    if cfg.logger.name != "mlflow":
+        raise ConfigError(f"logger.name must be mlflow or none, got {cfg.logger.name!r}")
+    tags = {"optimizer": cfg.optimizer.name, "model": cfg.model.name, "data": cfg.data.name,
+            "mlflow.source.git.commit": git_commit(), **OmegaConf.to_container(cfg.tags, resolve=True)}
+    return MLflowLogger(tracking_uri(cfg.logger.get("tracking_uri")), cfg.logger.experiment, run_name(cfg), tags,
+                        run_id=resume_run)
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict:
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
+    # a progress bar on a terminal; in job logs and pipes, one line per epoch instead
+    kwargs.setdefault("enable_progress_bar", sys.stderr.isatty())
+    bad = set(kwargs) - set(inspect.signature(pl.Trainer.__init__).parameters)
+    if bad:
+        raise ConfigError(f"trainer.{sorted(bad)[0]}: not an argument of Lightning's Trainer")
+    return kwargs
+
+
+def _resumed_run(cfg: DictConfig) -> str | None:
+    """The MLflow run a checkpoint belongs to, so that resuming continues its curves."""
+    if not cfg.get("ckpt_path"):
+        return None
+    path = Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path: no checkpoint file at {path.resolve()}")
+    meta = torch.load(path, map_location="cpu", weights_only=False).get("optstudy", {})
+    return meta.get("run_id") if meta.get("tracking_uri") == tracking_uri(cfg.logger.get("tracking_uri")) else None
+
+
+def run(cfg: DictConfig) -> float:
+    check(cfg)
+    _quiet_lightning()
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = Task(cfg, data.load(cfg.data, cfg.seed))
+    if cfg.objective not in module.metric_names():
+        raise ConfigError(f"objective must be one of {', '.join(module.metric_names())}, got {cfg.objective!r}")
+    logger = make_logger(cfg, _resumed_run(cfg))
+    out = output_dir(cfg)
+    eff_lr = EffectiveLR(cfg.logger.get("eff_lr_every_n_steps") or 25)
+    callbacks = [eff_lr] if logger is not None else []
+    kwargs = trainer_kwargs(cfg)
+    if not kwargs["enable_progress_bar"]:
+        callbacks.append(EpochLine())
+    if cfg.checkpoint.enabled:
+        callbacks.append(pl.callbacks.ModelCheckpoint(out / "checkpoints", save_last=True))
+    trainer = pl.Trainer(**kwargs, logger=logger or False, callbacks=callbacks,
+                         enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False)
+    module.tracking = {"run_id": logger.run_id if logger else None, "tracking_uri": logger.uri if logger else None}
+    if logger is not None and not cfg.get("ckpt_path"):
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, ckpt_path=cfg.get("ckpt_path"))
+    except BaseException as exc:
+        _finish(trainer, logger, eff_lr, cfg, out, exc)
+        raise
+    _finish(trainer, logger, eff_lr, cfg, out, None)
+    value = float(trainer.callback_metrics[cfg.objective])
+    if trainer.is_global_zero:
+        where = f"; open it with: {ui_command(logger.uri)}" if logger else ""
+        run_id = f"run {logger.run_id} " if logger else ""
+        print(f"{run_id}'{run_name(cfg)}' finished in {time.perf_counter() - start:.1f}s: "
+              f"{cfg.objective} = {value:.6g}{where}", flush=True)
+    return value
+
+
+def _finish(trainer, logger, eff_lr, cfg, out: Path, exc: BaseException | None) -> None:
+    """Artifacts and the run's end status, for a finished run and for one that failed on the way."""
+    if logger is None or not trainer.is_global_zero:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    paths = [out / "config.yaml", *eff_lr.save(out, title=run_name(cfg))]
+    for path in paths:
+        logger.log_artifact(path)
+    if exc is None:
+        logger.close("FINISHED")
+    elif isinstance(exc, KeyboardInterrupt):
+        logger.close("KILLED", "interrupted")
+    else:
+        logger.close("FAILED", str(exc) if isinstance(exc, Diverged) else f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,204 @@
+"""The Lightning module: one model, one optimizer of the core, three kinds of task (``optstudy.data.TASKS``).
+
+Metrics it logs: ``train_loss`` (and ``lr/g{i}``, AdaBound's ``bound/g{i}/lower|upper``) every logged step;
+``val_loss`` and ``val_acc`` (classification) or ``val_ppl`` (language models) per epoch, averaged over all
+validation examples of all ranks; an objective model's own ``metrics()`` (e.g. the iterate ``x``) every logged step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Sampler
+
+import optstudy.optim as optim
+from optstudy import models
+from optstudy.errors import ConfigError, OptstudyError
+
+
+class Diverged(OptstudyError):
+    """The training loss became NaN or infinite."""
+
+    exit_code = 3
+
+
+def optimizer_kwargs(cfg: DictConfig) -> dict:
+    """The optimizer's name and keywords from ``cfg.optimizer`` (and ``cfg.bound`` for the bounded ones)."""
+    hp = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    name = hp.pop("name")
+    if isinstance(hp.get("betas"), list):
+        hp["betas"] = tuple(hp["betas"])
+    if "bound" in optim.defaults(name) and "bound" in cfg:
+        hp.setdefault("bound", OmegaConf.to_container(cfg.bound, resolve=True))
+    return {"name": name, **hp}
+
+
+SCHEDULERS = ("constant", "inv_sqrt", "multistep")
+
+
+def scheduler(cfg, opt):
+    """``constant``; ``inv_sqrt``: lr α/√t per step t = 1, 2, ... (the AMSGrad paper's online setting);
+    ``multistep``: lr × gamma at each epoch of ``milestones`` (AdaBound's CIFAR schedule: 0.1 at 150)."""
+    name = cfg.get("name", "constant")
+    if name == "inv_sqrt":
+        return {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / math.sqrt(s + 1)),
+                "interval": "step"}
+    if name == "multistep":
+        return {"scheduler": torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), cfg.gamma),
+                "interval": "epoch"}
+    if name != "constant":
+        raise ConfigError(f"scheduler.name must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+    return None
+
+
+class EpochShuffle(Sampler):
+    """A permutation that depends only on (seed, epoch), so a run resumed from a checkpoint sees the same batches
+    as one that never stopped; with several ranks, rank r takes every world-th index (padded by wrapping so that
+    every rank steps equally often)."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
+        self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this before each epoch
+        self.epoch = epoch
+
+    def _size(self) -> int:
+        # training shards are padded to equal length: DDP all-reduces gradients once per step on every rank
+        return -(-self.n // self.world) * self.world if self.shuffle else self.n
+
+    def __iter__(self):
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=gen).repeat(2)[: self._size()]
+        else:
+            order = torch.arange(self.n)
+        return iter(order[self.rank::self.world].tolist())
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self._size(), self.world))
+
+
+class EpochLine(pl.Callback):
+    """One line per epoch (rank 0) where there is no progress bar: logs of cluster jobs and CI stay readable."""
+
+    def on_train_epoch_start(self, trainer, module):
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, module):  # after this epoch's validation
+        if not trainer.is_global_zero:
+            return
+        shown = "  ".join(f"{k} {float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items())
+                          if "/" not in k)
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  step {trainer.global_step}  {shown}  "
+              f"({time.perf_counter() - getattr(self, '_start', time.perf_counter()):.1f}s)", flush=True)
+
+
+class Task(pl.LightningModule):
+    def __init__(self, cfg: DictConfig, data):
+        super().__init__()
+        self.cfg, self.data = cfg, data
+        self.model = models.build(cfg.model, data)
+        self.task = data.task
+        self._val = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+        self.tracking: dict = {}  # the MLflow run, saved in checkpoints so that a resumed run continues it
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics this task logs: the choices of ``objective``."""
+        extra = {"classification": ("val_acc",), "language_model": ("val_ppl",)}.get(self.task, ())
+        if self.task == "objective":
+            extra = tuple(self.model.metrics())
+        return ("train_loss", "val_loss", *extra)
+
+    # --- data -----------------------------------------------------------------------------------------------------
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer else (0, 1)
+        sampler = EpochShuffle(len(dataset), self.cfg.seed, rank, world, shuffle)
+        return DataLoader(dataset, batch_size=self.cfg.data.batch_size, sampler=sampler,
+                          num_workers=self.cfg.data.get("num_workers", 0))
+
+    def train_dataloader(self):
+        return self._loader(self.data.train, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.data.val, shuffle=False)
+
+    # --- steps ----------------------------------------------------------------------------------------------------
+    def _logits_loss(self, batch):
+        x, y = batch
+        logits = self.model(x)
+        # language models: (batch, bptt, vocab) logits against (batch, bptt) targets, averaged per token
+        return logits, y, F.cross_entropy(logits.flatten(0, -2), y.flatten())
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(batch) if self.task == "objective" else self._logits_loss(batch)[2]
+        value = loss.item()
+        if not math.isfinite(value):
+            raise Diverged(f"training diverged: the loss is {value} at epoch {self.current_epoch}, step "
+                           f"{self.global_step} (optimizer {self.cfg.optimizer.name}, lr {self.cfg.optimizer.lr})")
+        self.log("train_loss", loss, prog_bar=True)
+        self.log_dict(self._schedule_metrics())
+        if self.task == "objective":
+            self.log_dict(self.model.metrics())
+        return loss
+
+    def _schedule_metrics(self) -> dict[str, float]:
+        opt = self.optimizers().optimizer
+        out = {}
+        for i, group in enumerate(opt.param_groups):
+            out[f"lr/g{i}"] = group["lr"]
+            if hasattr(opt, "bounds"):
+                out[f"bound/g{i}/lower"], out[f"bound/g{i}/upper"] = opt.bounds(group, self.global_step + 1)
+        return out
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        if hasattr(self.model, "project_"):  # e.g. the counterexample's x in [-1, 1]
+            with torch.no_grad():
+                self.model.project_()
+
+    def on_validation_epoch_start(self):
+        self._val = torch.zeros(3, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch, batch_idx):
+        if self.task == "objective":
+            self._val += torch.stack([self.model.val_loss().double(), self._val.new_zeros(()), self._val.new_ones(())])
+            return
+        logits, y, loss = self._logits_loss(batch)
+        correct = (logits.argmax(-1) == y).sum() if self.task == "classification" else 0
+        self._val += torch.stack([loss.double() * y.numel(), torch.as_tensor(correct, dtype=torch.float64,
+                                                                             device=self.device),
+                                  torch.tensor(float(y.numel()), dtype=torch.float64, device=self.device)])
+
+    def on_validation_epoch_end(self):
+        total = self.trainer.strategy.reduce(self._val, reduce_op="sum") if self.trainer.world_size > 1 else self._val
+        loss_sum, correct, count = total.tolist()
+        metrics = {"val_loss": loss_sum / max(count, 1)}
+        if self.task == "classification":
+            metrics["val_acc"] = correct / max(count, 1)
+        elif self.task == "language_model":
+            metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 700))
+        self.log_dict(metrics, prog_bar=True)
+
+    def on_train_end(self):
+        # DDP keeps the replicas equal by averaging gradients; check it at the end instead of trusting it: the
+        # largest difference of any parameter between ranks, logged by rank 0 (0.0 when they agree)
+        if self.trainer.world_size > 1:
+            flat = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach()
+            spread = (self.all_gather(flat) - flat).abs().max().item()
+            if self.logger is not None:
+                self.logger.log_metrics({"ddp/param_max_diff": spread}, self.global_step)
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["optstudy"] = dict(self.tracking)
+
+    def configure_optimizers(self):
+        kwargs = optimizer_kwargs(self.cfg)
+        opt = optim.build(kwargs.pop("name"), self.model.parameters(), **kwargs)
+        sched = scheduler(self.cfg.get("scheduler", {}), opt)
+        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}

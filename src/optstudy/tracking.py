@@ -1,0 +1,188 @@
+"""MLflow tracking: one run per training, written in batches off the training thread.
+
+``MLflowLogger`` is a Lightning logger over ``MlflowClient``. Metrics are buffered and sent with
+``log_batch(synchronous=False)`` (MLflow's own background queue), so a step that logs costs a list append, not a
+round trip: against a tracking server one synchronous ``log_metric`` costs ~75 ms here. Only rank 0 creates a run and
+logs (Lightning calls loggers on rank 0 only).
+
+The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else a SQLite file in the working directory (MLflow >= 3.13
+refuses a ``./mlruns`` file store); artifacts of that local store go to ``mlartifacts/`` beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from pytorch_lightning.loggers import Logger
+from pytorch_lightning.utilities import rank_zero_only
+
+DEFAULT_DB = "mlflow.db"
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    """``configured``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db`` (absolute, so the run
+    can be found again from any directory)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def ui_command(uri: str) -> str:
+    """How a person opens this store in the MLflow UI."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def flatten(tree, prefix: str = "") -> dict[str, str]:
+    """``{"optimizer": {"lr": 0.001}}`` -> ``{"optimizer.lr": "0.001"}``; lists stay whole (``[0.9, 0.999]``)."""
+    if not isinstance(tree, dict):
+        return {prefix: str(tree)}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}{key}."))
+    return {k.rstrip("."): v for k, v in flat.items()}
+
+
+def _quiet_mlflow():
+    # MLflow 3's usage telemetry retries its upload in a background thread; offline (clusters, this machine) that
+    # thread kept a core busy and made training steps 5x slower through OpenMP contention. Off unless a user turns
+    # it on explicitly.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow logs its database migrations and async-queue start at INFO; a training run should print its own lines
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class MLflowLogger(Logger):
+    """A Lightning logger writing to one MLflow run, created on first use on rank 0 (or reopened: ``run_id``)."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str | None = None, tags: dict | None = None,
+                 run_id: str | None = None, flush_every: int = 500, flush_seconds: float = 5.0):
+        super().__init__()
+        self.uri, self.experiment_name, self.run_name = uri, experiment, run_name
+        self.tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
+        self._run_id, self._client = run_id, None
+        self._buffer: list = []
+        self._pending: list = []  # RunOperations of batches handed to MLflow's queue
+        self.flush_every, self.flush_seconds = flush_every, flush_seconds
+        self._last_flush = time.monotonic()
+
+    # --- Lightning's Logger interface -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.experiment_name
+
+    @property
+    def version(self) -> str | None:
+        return self._run_id
+
+    @property
+    @rank_zero_only
+    def experiment(self):
+        """The ``MlflowClient``; creates the run on first access."""
+        if self._client is None:
+            self._start()
+        return self._client
+
+    @property
+    def run_id(self) -> str | None:
+        if self._run_id is None and rank_zero_only.rank == 0:
+            self._start()
+        return self._run_id
+
+    @rank_zero_only
+    def log_hyperparams(self, params) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten(params if isinstance(params, dict) else vars(params))
+        items = [Param(k, v[:6000]) for k, v in sorted(flat.items())]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.experiment.log_batch(self.run_id, params=items[i:i + 100])
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._buffer.extend(Metric(k, float(v), now, step or 0) for k, v in metrics.items())
+        if len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush > self.flush_seconds:
+            self.flush()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        # Lightning calls this at the end of fit ("success") and on an exception ("failed"); the run is closed
+        # by ``close``, which knows the reason of a failure
+        self.flush()
+
+    # --- ours ---------------------------------------------------------------------------------------------------
+    @rank_zero_only
+    def flush(self, wait: bool = False) -> None:
+        """Hands the buffered metrics to MLflow's background queue; ``wait``: until they are written."""
+        if self._buffer:
+            batch, self._buffer = self._buffer, []
+            for i in range(0, len(batch), 1000):  # MLflow's limit per batch
+                self._pending.append(self.experiment.log_batch(self.run_id, metrics=batch[i:i + 1000],
+                                                               synchronous=False))
+        self._last_flush = time.monotonic()
+        if wait:
+            for op in self._pending:
+                op.wait()
+            self._pending = []
+
+    @rank_zero_only
+    def set_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        self.experiment.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    @rank_zero_only
+    def log_artifact(self, path, artifact_path: str | None = None) -> None:
+        self.experiment.log_artifact(self.run_id, str(path), artifact_path)
+
+    @rank_zero_only
+    def close(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        """Writes what is buffered and ends the run; a failed run keeps its curves and gets the reason as a tag."""
+        if self._client is None:
+            return
+        self.flush(wait=True)
+        if reason:
+            self.set_tags({"failure_reason": reason[:5000]})
+        self._client.set_terminated(self._run_id, status=status)
+
+    def _start(self) -> None:
+        _quiet_mlflow()
+        from mlflow import MlflowClient
+
+        self._client = MlflowClient(self.uri)
+        if self._run_id is not None:  # resuming: the run continues
+            self._client.update_run(self._run_id, status="RUNNING")
+            return
+        experiment = self._client.get_experiment_by_name(self.experiment_name)
+        if experiment is None:
+            exp_id = self._client.create_experiment(self.experiment_name, artifact_location=self._artifacts())
+        else:
+            exp_id = experiment.experiment_id
+        run = self._client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
+        self._run_id = run.info.run_id
+
+    def _artifacts(self) -> str | None:
+        # MLflow's default for a SQLite store is ./mlruns relative to wherever the process runs; keep the
+        # artifacts beside the database instead, wherever train.py is started from
+        if not self.uri.startswith("sqlite:///"):
+            return None
+        db = Path(self.uri[len("sqlite:///"):])
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.experiment_name)
+        return (db.parent / "mlartifacts" / safe).resolve().as_uri()
