@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> float:
         return run(cfg)
     except OptstudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(exc, "exit_code", 2))  # 2: a mistake in the input; 3: the training diverged
 
 
 if __name__ == "__main__":

@@ -76,6 +76,30 @@ def test_command_line_unknown_choice_lists_the_valid_ones():
 def test_command_line_help_lists_groups():
     res = _train("--help")
     assert res.returncode == 0
-    for group in ("optimizer", "bound", "model", "data", "trainer"):
+    for group in ("optimizer", "bound", "model", "data", "trainer", "logger", "experiment"):
         assert group in res.stdout
     assert "amsbound" in res.stdout and "exponential" in res.stdout
+
+
+def test_command_line_divergence_exits_3_with_the_reason(tmp_path):
+    res = _train("data=synthetic", "model=rosenbrock", "optimizer=sgd", "optimizer.lr=0.01", f"checkpoint.dir={tmp_path}")
+    assert res.returncode == 3 and "Traceback" not in res.stderr
+    assert "error: training diverged: the loss is" in res.stderr and "marked FAILED" in res.stderr
+
+
+def test_a_model_for_another_task_is_named():
+    with pytest.raises(ConfigError, match=r"model 'lstm' is for language_model data, but the dataset is a "
+                                          r"classification task; models for it: mlp, logreg"):
+        run(cfg("model=lstm"))
+
+
+def test_an_unknown_trainer_key_is_named():
+    with pytest.raises(ConfigError, match=r"trainer.max_epoch: not an argument of Lightning's Trainer"):
+        run(cfg("+trainer.max_epoch=3"))
+
+
+def test_a_default_run_prints_one_line_per_epoch_and_a_summary(capsys):
+    run(cfg("trainer.max_epochs=2"))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("epoch 1/2  step 23  ") and "val_acc" in out[0]
+    assert out[-1].startswith("run ") and "'adam lr=0.001 seed=0' finished in" in out[-1]

@@ -1,8 +1,12 @@
 """The Lightning module: one model, one optimizer of the core, three kinds of task (``optstudy.data.TASKS``).
 
-Metrics it logs: ``train_loss`` (and ``lr/g{i}``, AdaBound's ``bound/g{i}/lower|upper``) every logged step;
-``val_loss`` and ``val_acc`` (classification) or ``val_ppl`` (language models) per epoch, averaged over all
-validation examples of all ranks; an objective model's own ``metrics()`` (e.g. the iterate ``x``) every logged step.
+Metrics it logs, at step s = the number of optimizer steps taken when the value was measured:
+
+- every ``trainer.log_every_n_steps``: ``train_loss`` (the batch loss at θ_s), ``lr/g{i}`` and AdaBound's
+  ``bound/g{i}/lower|upper`` (those of the update θ_s -> θ_{s+1}), an objective model's ``metrics()`` (e.g. the
+  iterate x = θ_s, from s = 0);
+- every epoch: ``val_loss`` and ``val_acc`` (classification) or ``val_ppl`` (language models), averaged over all
+  validation examples of all ranks.
 """
 
 from __future__ import annotations
@@ -99,6 +103,38 @@ class EpochLine(pl.Callback):
               f"({time.perf_counter() - getattr(self, '_start', time.perf_counter()):.1f}s)", flush=True)
 
 
+class Trajectory(pl.Callback):
+    """An objective model's ``metrics()`` (e.g. the iterate x, y) at the start and after every step, saved as
+    ``trajectory.csv`` and, for 2-D surfaces, drawn on the contour plot (``trajectory.png``)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def on_train_start(self, trainer, module):
+        if not self.rows:
+            self.rows.append({"step": trainer.global_step, **module.model.metrics()})
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.rows.append({"step": trainer.global_step, **module.model.metrics()})
+
+    def save(self, directory, model, label: str) -> list:
+        if len(self.rows) < 2:
+            return []
+        import csv
+
+        from optstudy.plots import trajectory_plot
+
+        table = directory / "trajectory.csv"
+        with open(table, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        if not hasattr(model, "surface"):
+            return [table]
+        path = [(r["x"], r["y"]) for r in self.rows]
+        return [table, trajectory_plot(model, {label: path}, directory / "trajectory.png")]
+
+
 class Task(pl.LightningModule):
     def __init__(self, cfg: DictConfig, data):
         super().__init__()
@@ -142,10 +178,23 @@ class Task(pl.LightningModule):
             raise Diverged(f"training diverged: the loss is {value} at epoch {self.current_epoch}, step "
                            f"{self.global_step} (optimizer {self.cfg.optimizer.name}, lr {self.cfg.optimizer.lr})")
         self.log("train_loss", loss, prog_bar=True)
-        self.log_dict(self._schedule_metrics())
-        if self.task == "objective":
-            self.log_dict(self.model.metrics())
+        if self.logger is not None and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            # directly, at full precision: Lightning's self.log would round lrs and bounds to float32
+            self.logger.log_metrics(self._schedule_metrics(), self.global_step)
         return loss
+
+    def on_train_start(self):
+        if self.task == "objective" and self.logger is not None and self.global_step == 0:
+            self.logger.log_metrics(self.model.metrics(), 0)  # the start of the trajectory
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.task != "objective":
+            return
+        # the iterate after the step (and its projection): the last one is the run's result
+        metrics = self.model.metrics()
+        self.log_dict(metrics, logger=False)
+        if self.logger is not None and self.global_step % self.trainer.log_every_n_steps == 0:
+            self.logger.log_metrics(metrics, self.global_step)
 
     def _schedule_metrics(self) -> dict[str, float]:
         opt = self.optimizers().optimizer
@@ -183,7 +232,11 @@ class Task(pl.LightningModule):
             metrics["val_acc"] = correct / max(count, 1)
         elif self.task == "language_model":
             metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 700))
-        self.log_dict(metrics, prog_bar=True)
+        self.log_dict(metrics, prog_bar=True, logger=False)
+        # Lightning would label these with the last training batch's index (one less than the steps taken); the
+        # curves' step is the number of optimizer steps taken when the value was measured, as for train_loss
+        if self.logger is not None and not self.trainer.sanity_checking:
+            self.logger.log_metrics(metrics, self.global_step)
 
     def on_train_end(self):
         # DDP keeps the replicas equal by averaging gradients; check it at the end instead of trusting it: the

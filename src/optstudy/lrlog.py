@@ -71,7 +71,7 @@ class EffectiveLR(Callback):
 
 
 def heatmap(arrays: dict, path: Path, title: str = "") -> Path:
-    """Training step (x) by log10 effective lr (y), colour = fraction of elements (log scale), median in white."""
+    """Training step (x) by log10 effective lr (y), colour = fraction of elements (log scale), median in red."""
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
@@ -86,7 +86,7 @@ def heatmap(arrays: dict, path: Path, title: str = "") -> Path:
     mesh = ax.pcolormesh(x, edges, shown, norm=LogNorm(vmin=max(shown.min(), 1e-6), vmax=1), cmap="viridis")
     centers = (edges[:-1] + edges[1:]) / 2
     median = [centers[min(np.searchsorted(np.cumsum(f), 0.5), len(f) - 1)] for f in frac]
-    ax.plot(steps, median, color="white", lw=1, label="median")
+    ax.plot(steps, median, color="orangered", lw=1.2, label="median")
     lo, hi = _used_range(counts, edges)
     ax.set(ylim=(lo, hi), xlabel="training step", ylabel="log10 effective learning rate",
            title=title or "effective learning rates")

@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 from pytorch_lightning.loggers import Logger
@@ -64,6 +65,7 @@ def _quiet_mlflow():
     # MLflow logs its database migrations and async-queue start at INFO; a training run should print its own lines
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"The ``noload`` loader strategy is deprecated")
 
 
 class MLflowLogger(Logger):

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from optstudy import data
 from optstudy.errors import ConfigError
-from optstudy.lit import Diverged, EpochLine, Task, optimizer_kwargs  # noqa: F401  (re-exported for callers)
+from optstudy.lit import Diverged, EpochLine, Task, Trajectory, optimizer_kwargs  # noqa: F401  (re-exported for callers)
 from optstudy.lrlog import EffectiveLR
 from optstudy.tracking import MLflowLogger, git_commit, tracking_uri, ui_command
 
@@ -98,7 +99,22 @@ def _resumed_run(cfg: DictConfig) -> str | None:
     return meta.get("run_id") if meta.get("tracking_uri") == tracking_uri(cfg.logger.get("tracking_uri")) else None
 
 
+@dataclasses.dataclass(frozen=True)
+class Result:
+    value: float  # the objective's final value
+    metrics: dict[str, float]  # every metric's last value
+    run_id: str | None  # the MLflow run (None with logger=none)
+    tracking_uri: str | None
+    output_dir: Path  # config, checkpoints, histograms
+
+
 def run(cfg: DictConfig) -> float:
+    """Trains as ``cfg`` says and returns the final value of ``cfg.objective``."""
+    return train(cfg).value
+
+
+def train(cfg: DictConfig) -> Result:
+    """``run``, returning the MLflow run and every final metric too."""
     check(cfg)
     _quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -108,7 +124,8 @@ def run(cfg: DictConfig) -> float:
     logger = make_logger(cfg, _resumed_run(cfg))
     out = output_dir(cfg)
     eff_lr = EffectiveLR(cfg.logger.get("eff_lr_every_n_steps") or 25)
-    callbacks = [eff_lr] if logger is not None else []
+    trajectory = Trajectory() if module.task == "objective" else None
+    callbacks = [c for c in (eff_lr, trajectory) if c is not None] if logger is not None else []
     kwargs = trainer_kwargs(cfg)
     if not kwargs["enable_progress_bar"]:
         callbacks.append(EpochLine())
@@ -123,25 +140,31 @@ def run(cfg: DictConfig) -> float:
     try:
         trainer.fit(module, ckpt_path=cfg.get("ckpt_path"))
     except BaseException as exc:
-        _finish(trainer, logger, eff_lr, cfg, out, exc)
+        _finish(trainer, logger, (eff_lr, trajectory), cfg, out, exc)
+        if isinstance(exc, Diverged) and logger is not None:
+            exc.args = (f"{exc}; MLflow run {logger.run_id} is marked FAILED and keeps its curves up to there",)
         raise
-    _finish(trainer, logger, eff_lr, cfg, out, None)
-    value = float(trainer.callback_metrics[cfg.objective])
+    _finish(trainer, logger, (eff_lr, trajectory), cfg, out, None)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    value = metrics[cfg.objective]
     if trainer.is_global_zero:
         where = f"; open it with: {ui_command(logger.uri)}" if logger else ""
         run_id = f"run {logger.run_id} " if logger else ""
         print(f"{run_id}'{run_name(cfg)}' finished in {time.perf_counter() - start:.1f}s: "
               f"{cfg.objective} = {value:.6g}{where}", flush=True)
-    return value
+    return Result(value, metrics, logger and logger.run_id, logger and logger.uri, out)
 
 
-def _finish(trainer, logger, eff_lr, cfg, out: Path, exc: BaseException | None) -> None:
+def _finish(trainer, logger, recorders, cfg, out: Path, exc: BaseException | None) -> None:
     """Artifacts and the run's end status, for a finished run and for one that failed on the way."""
     if logger is None or not trainer.is_global_zero:
         return
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    eff_lr, trajectory = recorders
     paths = [out / "config.yaml", *eff_lr.save(out, title=run_name(cfg))]
+    if trajectory is not None:
+        paths += trajectory.save(out, trainer.lightning_module.model, cfg.optimizer.name)
     for path in paths:
         logger.log_artifact(path)
     if exc is None:
