@@ -16,13 +16,16 @@ from optstudy.errors import OptstudyError
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    from optstudy.train import run
+    from optstudy.train import train, write_result
 
     try:
-        return run(cfg)
+        result = train(cfg)
     except OptstudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2))  # 2: a mistake in the input; 3: the training diverged
+    if cfg.get("result_file"):  # a study that started this process reads the outcome here
+        write_result(result, cfg.result_file)
+    return result.value
 
 
 if __name__ == "__main__":

@@ -88,19 +88,25 @@ class EpochShuffle(Sampler):
         return len(range(self.rank, self._size(), self.world))
 
 
-class EpochLine(pl.Callback):
-    """One line per epoch (rank 0) where there is no progress bar: logs of cluster jobs and CI stay readable."""
+class EpochTimer(pl.Callback):
+    """Seconds per epoch, training and validation together (``seconds``); with ``print_lines``, one line per epoch
+    (rank 0) where there is no progress bar, so that logs of cluster jobs and CI stay readable."""
+
+    def __init__(self, print_lines: bool = False):
+        self.print_lines = print_lines
+        self.seconds: list[float] = []
 
     def on_train_epoch_start(self, trainer, module):
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, module):  # after this epoch's validation
-        if not trainer.is_global_zero:
+        self.seconds.append(time.perf_counter() - self._start)
+        if not (self.print_lines and trainer.is_global_zero):
             return
         shown = "  ".join(f"{k} {float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items())
                           if "/" not in k)
         print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  step {trainer.global_step}  {shown}  "
-              f"({time.perf_counter() - getattr(self, '_start', time.perf_counter()):.1f}s)", flush=True)
+              f"({self.seconds[-1]:.1f}s)", flush=True)
 
 
 class Trajectory(pl.Callback):

@@ -52,7 +52,7 @@ class EffectiveLR(Callback):
         self.steps.append(step)
         self.records.append(hist)
 
-    def save(self, directory: Path, title: str = "") -> list[Path]:
+    def save(self, directory: Path, model=None, title: str = "") -> list[Path]:
         """Writes the npz and the heatmap into ``directory``; returns their paths (none if nothing was recorded)."""
         if not self.records:
             return []

@@ -15,14 +15,15 @@ import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_only
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from optstudy import data
 from optstudy.errors import ConfigError
-from optstudy.lit import Diverged, EpochLine, Task, Trajectory, optimizer_kwargs  # noqa: F401  (re-exported for callers)
+from optstudy.lit import Diverged, EpochTimer, Task, Trajectory, optimizer_kwargs  # noqa: F401  (re-exported for callers)
 from optstudy.lrlog import EffectiveLR
-from optstudy.tracking import MLflowLogger, git_commit, tracking_uri, ui_command
+from optstudy.tracking import MLflowLogger, flatten, git_commit, tracking_uri, ui_command
 
 
 def check(cfg: DictConfig) -> None:
@@ -51,7 +52,7 @@ def output_dir(cfg: DictConfig) -> Path:
         return Path(cfg.checkpoint.dir)
     from hydra.core.hydra_config import HydraConfig
 
-    if HydraConfig.initialized():
+    if HydraConfig.initialized() and OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None):
         return Path(HydraConfig.get().runtime.output_dir)
     return Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S") / f"{os.getpid()}"
 
@@ -73,7 +74,7 @@ def make_logger(cfg: DictConfig, resume_run: str | None) -> MLflowLogger | None:
     if cfg.logger.name != "mlflow":
         raise ConfigError(f"logger.name must be mlflow or none, got {cfg.logger.name!r}")
     tags = {"optimizer": cfg.optimizer.name, "model": cfg.model.name, "data": cfg.data.name,
-            "mlflow.source.git.commit": git_commit(), **OmegaConf.to_container(cfg.tags, resolve=True)}
+            "mlflow.source.git.commit": git_commit(), **flatten(OmegaConf.to_container(cfg.tags, resolve=True))}
     return MLflowLogger(tracking_uri(cfg.logger.get("tracking_uri")), cfg.logger.experiment, run_name(cfg), tags,
                         run_id=resume_run)
 
@@ -106,6 +107,7 @@ class Result:
     run_id: str | None  # the MLflow run (None with logger=none)
     tracking_uri: str | None
     output_dir: Path  # config, checkpoints, histograms
+    epoch_seconds: list[float]  # wall time of each epoch (training and validation)
 
 
 def run(cfg: DictConfig) -> float:
@@ -113,8 +115,9 @@ def run(cfg: DictConfig) -> float:
     return train(cfg).value
 
 
-def train(cfg: DictConfig) -> Result:
-    """``run``, returning the MLflow run and every final metric too."""
+def train(cfg: DictConfig, callbacks: list | None = None) -> Result:
+    """``run``, returning the MLflow run and every final metric too; ``callbacks``: extra Lightning callbacks
+    (a study's pruning callback)."""
     check(cfg)
     _quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -123,28 +126,26 @@ def train(cfg: DictConfig) -> Result:
         raise ConfigError(f"objective must be one of {', '.join(module.metric_names())}, got {cfg.objective!r}")
     logger = make_logger(cfg, _resumed_run(cfg))
     out = output_dir(cfg)
-    eff_lr = EffectiveLR(cfg.logger.get("eff_lr_every_n_steps") or 25)
-    trajectory = Trajectory() if module.task == "objective" else None
-    callbacks = [c for c in (eff_lr, trajectory) if c is not None] if logger is not None else []
     kwargs = trainer_kwargs(cfg)
-    if not kwargs["enable_progress_bar"]:
-        callbacks.append(EpochLine())
+    recorders = _recorders(cfg, module, logger)
+    timer = EpochTimer(print_lines=not kwargs["enable_progress_bar"])
+    callbacks = [*recorders, timer, *(callbacks or [])]
     if cfg.checkpoint.enabled:
         callbacks.append(pl.callbacks.ModelCheckpoint(out / "checkpoints", save_last=True))
     trainer = pl.Trainer(**kwargs, logger=logger or False, callbacks=callbacks,
                          enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False)
     module.tracking = {"run_id": logger.run_id if logger else None, "tracking_uri": logger.uri if logger else None}
     if logger is not None and not cfg.get("ckpt_path"):
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(_resolved(cfg))
     start = time.perf_counter()
     try:
         trainer.fit(module, ckpt_path=cfg.get("ckpt_path"))
     except BaseException as exc:
-        _finish(trainer, logger, (eff_lr, trajectory), cfg, out, exc)
+        _finish(trainer, logger, recorders, cfg, out, exc)
         if isinstance(exc, Diverged) and logger is not None:
             exc.args = (f"{exc}; MLflow run {logger.run_id} is marked FAILED and keeps its curves up to there",)
         raise
-    _finish(trainer, logger, (eff_lr, trajectory), cfg, out, None)
+    _finish(trainer, logger, recorders, cfg, out, None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     value = metrics[cfg.objective]
     if trainer.is_global_zero:
@@ -152,7 +153,22 @@ def train(cfg: DictConfig) -> Result:
         run_id = f"run {logger.run_id} " if logger else ""
         print(f"{run_id}'{run_name(cfg)}' finished in {time.perf_counter() - start:.1f}s: "
               f"{cfg.objective} = {value:.6g}{where}", flush=True)
-    return Result(value, metrics, logger and logger.run_id, logger and logger.uri, out)
+    return Result(value, metrics, logger and logger.run_id, logger and logger.uri, out, timer.seconds)
+
+
+def _resolved(cfg: DictConfig) -> dict:
+    """The run's config without Hydra's own node (present when a caller composed with return_hydra_config)."""
+    # resolved key by key: Hydra's node has interpolations that only resolve inside a Hydra app
+    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in cfg.items() if k != "hydra"}
+
+
+def _recorders(cfg, module, logger) -> list:
+    """Callbacks that keep what becomes artifacts: effective-LR histograms, an objective model's trajectory."""
+    if logger is None:
+        return []
+    every = cfg.logger.get("eff_lr_every_n_steps") or 25
+    return [EffectiveLR(every)] + ([Trajectory()] if module.task == "objective" else [])
 
 
 def _finish(trainer, logger, recorders, cfg, out: Path, exc: BaseException | None) -> None:
@@ -160,16 +176,26 @@ def _finish(trainer, logger, recorders, cfg, out: Path, exc: BaseException | Non
     if logger is None or not trainer.is_global_zero:
         return
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    eff_lr, trajectory = recorders
-    paths = [out / "config.yaml", *eff_lr.save(out, title=run_name(cfg))]
-    if trajectory is not None:
-        paths += trajectory.save(out, trainer.lightning_module.model, cfg.optimizer.name)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(_resolved(cfg)))
+    paths = [out / "config.yaml"]
+    for recorder in recorders:
+        paths += recorder.save(out, trainer.lightning_module.model, run_name(cfg))
     for path in paths:
         logger.log_artifact(path)
     if exc is None:
         logger.close("FINISHED")
     elif isinstance(exc, KeyboardInterrupt):
         logger.close("KILLED", "interrupted")
+    elif type(exc).__name__ == "TrialPruned":  # a study stopped this run early: not a failure
+        logger.set_tags({"optuna.pruned": "true"})
+        logger.close("KILLED", f"pruned by the study at step {trainer.global_step}")
     else:
         logger.close("FAILED", str(exc) if isinstance(exc, Diverged) else f"{type(exc).__name__}: {exc}")
+
+
+@rank_zero_only
+def write_result(result: Result, path) -> None:
+    """The outcome as JSON, for a parent process (a study trial that ran ``train.py`` for DDP); rank 0 only."""
+    import json
+
+    Path(path).write_text(json.dumps({"value": result.value, "run_id": result.run_id, "metrics": result.metrics}))

@@ -1,0 +1,133 @@
+"""What MLflow tracking costs a training run: seconds per epoch with tracking off and on, in one run.
+
+    python benchmarks/tracking_overhead.py [--epochs 6] [--repeats 3] [--no-server] [OVERRIDE ...]
+
+Trains the default problem (digits MLP, 23 steps an epoch) with, in turn:
+
+- ``off``: ``logger=none``;
+- ``sqlite``: our batched asynchronous logger into a local SQLite store (the default);
+- ``server``: the same logger against an ``mlflow server`` started here (SQLite backend), i.e. over HTTP;
+- ``server-sync``: the naive way, one synchronous ``log_metric`` call per value, as the baseline batching beats.
+
+Each configuration runs ``--repeats`` times, interleaved, with ``log_every_n_steps=1`` and effective-LR quantiles
+every 5 steps (a heavier logging load than the defaults of 10 and 25). Reported: the median time per epoch after the
+first (the first pays for warm-up), the ratio to ``off``, and the fixed cost per run outside the epochs (run creation,
+params, artifacts and the heatmap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def start_server(directory: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{directory / 'server.db'}",
+         "--artifacts-destination", str(directory / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("mlflow server did not start in 60 s")
+
+
+def naive_logger():
+    """The baseline: every metric value is its own synchronous request."""
+    from optstudy.tracking import MLflowLogger
+
+    class SyncPerMetric(MLflowLogger):
+        def log_metrics(self, metrics, step=None):
+            for key, value in metrics.items():
+                self.experiment.log_metric(self.run_id, key, float(value), step=step or 0)
+
+    return SyncPerMetric
+
+
+def one(mode: str, uris: dict, args, extra) -> tuple[float, float]:
+    import optstudy.train as t
+
+    overrides = [f"trainer.max_epochs={args.epochs}", "trainer.log_every_n_steps=1", "checkpoint.enabled=false",
+                 *extra]
+    if mode == "off":
+        overrides.append("logger=none")
+    else:
+        overrides.append("logger.eff_lr_every_n_steps=5")
+        os.environ["MLFLOW_TRACKING_URI"] = uris["server" if mode.startswith("server") else "sqlite"]
+    original = t.MLflowLogger
+    if mode == "server-sync":
+        t.MLflowLogger = naive_logger()
+    try:
+        start = time.perf_counter()
+        res = t.train(compose(overrides))
+        total = time.perf_counter() - start
+    finally:
+        t.MLflowLogger = original
+    per_epoch = statistics.median(res.epoch_seconds[1:])
+    return per_epoch, total - sum(res.epoch_seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-server", action="store_true")
+    args, extra = parser.parse_known_args()
+    work = Path(tempfile.mkdtemp(prefix="optstudy-bench-"))
+    os.chdir(work)
+    modes = ["off", "sqlite"]
+    uris = {"sqlite": f"sqlite:///{work / 'local.db'}"}
+    server = None
+    if not args.no_server:
+        server, uris["server"] = start_server(work)
+        modes += ["server", "server-sync"]
+    import torch
+
+    print(f"# {args.epochs} epochs x {args.repeats} repeats per mode, torch threads {torch.get_num_threads()}, "
+          f"log every step, eff-LR every 5 steps; workdir {work}", flush=True)
+    results = {m: [] for m in modes}
+    try:
+        one("sqlite", uris, argparse.Namespace(epochs=2), extra)  # creates the store's tables: not measured
+        for _ in range(args.repeats):
+            for mode in modes:
+                results[mode].append(one(mode, uris, args, extra))
+    finally:
+        if server is not None:
+            server.terminate()
+    base = statistics.median(e for e, _ in results["off"])
+    print(f"{'mode':12s} {'s/epoch':>9s} {'x off':>7s} {'fixed s/run':>12s}")
+    for mode in modes:
+        epoch = statistics.median(e for e, _ in results[mode])
+        fixed = statistics.median(f for _, f in results[mode])
+        print(f"{mode:12s} {epoch:9.4f} {epoch / base:7.2f} {fixed:12.2f}")
+
+
+if __name__ == "__main__":
+    main()

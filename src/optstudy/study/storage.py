@@ -1,0 +1,43 @@
+"""Optuna storages from a URL: a journal file locally, a database (PostgreSQL on clusters) with heartbeats.
+
+- ``None``: ``$OPTSTUDY_STORAGE``, else the journal file ``optuna.journal`` in the working directory;
+- a path, or ``journal:///abs/path`` / ``journal://rel/path``: Optuna's journal file storage, safe for several
+  processes on one machine (SQLite is not: its writers lock each other out);
+- ``postgresql+psycopg://user:pw@host:port/db`` (or any SQLAlchemy URL): ``RDBStorage`` with a heartbeat every
+  ``heartbeat`` seconds, so that a trial whose worker died is failed after two missed beats and retried.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import optuna
+
+from optstudy.errors import ConfigError
+
+DEFAULT = "optuna.journal"
+
+
+def resolve(url: str | None) -> str:
+    return url or os.environ.get("OPTSTUDY_STORAGE") or DEFAULT
+
+
+def open_storage(url: str | None, heartbeat: int = 30):
+    """``(storage, url)`` for ``url`` (see the module docstring)."""
+    url = resolve(url)
+    if "://" in url and not url.startswith("journal://"):
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url[len("postgresql://"):]  # SQLAlchemy would look for psycopg2
+        try:
+            storage = optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+                engine_kwargs={"pool_pre_ping": True})
+        except Exception as exc:  # a wrong URL, a server that is down: say which, without a traceback
+            raise ConfigError(f"--storage {url}: cannot open it ({type(exc).__name__}: {exc})") from None
+        return storage, url
+    path = Path(url[len("journal://"):] if url.startswith("journal://") else url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    backend = optuna.storages.journal.JournalFileBackend(str(path))
+    return optuna.storages.JournalStorage(backend), str(path)

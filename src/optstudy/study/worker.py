@@ -1,0 +1,298 @@
+"""A study worker: asks Optuna for a configuration, trains it once per seed, tells the mean; until the budget is spent.
+
+Any number of workers on any machines share one storage. The first to arrive creates the study, its MLflow parent
+run, and enqueues the grid or the papers' defaults; the others wait for that and join. A failed or diverged trial is
+recorded with its reason (user attr ``fail_reason``) and the worker goes on. A worker killed mid-trial leaves a
+RUNNING trial that is failed and re-enqueued: by Optuna's heartbeats on a database storage, and on a journal file by
+the next worker on the same host, which sees that the trial's process is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+import pytorch_lightning as pl
+from optuna.trial import TrialState
+
+from optstudy.errors import ConfigError, OptstudyError
+from optstudy.study.spec import Study
+from optstudy.study.storage import open_storage
+
+ROOT = Path(__file__).resolve().parents[3]
+CONF = ROOT / "conf"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+# --- configuration of one trial -------------------------------------------------------------------------------------
+def suggest(trial: optuna.Trial, study: Study) -> dict:
+    """The trial's params: the optimizer, then its own space, then its bound schedule's (conditional spaces)."""
+    name = trial.suggest_categorical("optimizer", list(study.spaces))
+    space = study.spaces[name]
+    params = {"optimizer": name, **{p.name: p.suggest(trial) for p in space.params}}
+    if space.bounds:
+        bound = trial.suggest_categorical("bound", list(space.bounds))
+        params.update(bound=bound, **{p.name: p.suggest(trial) for p in space.bounds[bound]})
+    return params
+
+
+def overrides_for(params: dict) -> list[str]:
+    """Hydra overrides that put a trial's params into train.py's config."""
+    out = [f"optimizer={params['optimizer']}"]
+    if "bound" in params:
+        out.append(f"bound={params['bound']}")
+    betas = {k: params[k] for k in ("beta1", "beta2") if k in params}
+    for key, value in params.items():
+        if key in ("optimizer", "bound", "beta1", "beta2"):
+            continue
+        # gamma is the hyperbolic schedule's parameter: conf/bound/hyperbolic.yaml holds it
+        out.append(f"bound.gamma={value}" if key == "gamma" else f"{key}={value}" if key.startswith("bound.")
+                   else f"optimizer.{key}={value}")
+    if betas:
+        out.append(f"optimizer.betas=[{betas.get('beta1', '${optimizer.betas.0}')},"
+                   f"{betas.get('beta2', '${optimizer.betas.1}')}]")
+    return out
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)  # code that asks Hydra for its run (e.g. output_dir) gets answers
+    return cfg
+
+
+# --- pruning ----------------------------------------------------------------------------------------------------------
+class Pruning(pl.Callback):
+    """Reports the objective after every validation to the trial, at step ``offset + epoch``, and stops the run
+    when the pruner says so (optuna-integration's callback imports ``lightning.pytorch``, which we do not use)."""
+
+    def __init__(self, trial: optuna.Trial, metric: str, offset: int):
+        self.trial, self.metric, self.offset = trial, metric, offset
+
+    def on_train_epoch_end(self, trainer, module):  # after this epoch's validation
+        value = trainer.callback_metrics.get(self.metric)
+        if value is None:
+            return
+        step = self.offset + trainer.current_epoch
+        self.trial.report(float(value), step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {trainer.current_epoch + 1} ({self.metric}={float(value):.4g})")
+
+
+# --- the worker -------------------------------------------------------------------------------------------------------
+class Worker:
+    def __init__(self, study: Study, storage_url: str | None = None, overrides: tuple[str, ...] = (),
+                 heartbeat: int = 30):
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # a line per trial instead (_print_outcome)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True
+        self.spec, self.extra = study, tuple(overrides)
+        self.storage, self.storage_url = open_storage(storage_url, heartbeat)
+        base = compose([*study.overrides, *self.extra])  # fails now, once, for a bad override in the study or CLI
+        self.objective = study.objective or base.objective
+        self.epochs = int(base.trainer.max_epochs)
+        self.ddp = "ddp" in str(base.trainer.get("strategy", ""))
+        self.study = self._join()
+
+    # study creation, once, by whichever worker comes first
+    def _join(self) -> optuna.Study:
+        kwargs = dict(study_name=self.spec.name, storage=self.storage, direction=self.spec.direction,
+                      sampler=make_sampler(self.spec), pruner=make_pruner(self.spec, self.epochs))
+        try:
+            study = optuna.create_study(**kwargs)
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=self.spec.name, storage=self.storage,
+                                      sampler=kwargs["sampler"], pruner=kwargs["pruner"])
+            return self._wait_ready(study)
+        self._initialise(study)
+        return study
+
+    def _initialise(self, study: optuna.Study) -> None:
+        from optstudy.study.tracking import create_parent
+
+        uri, parent = create_parent(self.spec)
+        attrs = dict(objective=self.objective, direction=self.spec.direction, optimizers=list(self.spec.spaces),
+                     seeds=list(self.spec.seeds), spec=self.spec.source, mlflow_experiment=self.spec.name,
+                     mlflow_parent_run_id=parent, tracking_uri=uri, n_trials=self.spec.n_trials)
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
+        points = self.spec.grid() if self.spec.sampler["name"] == "grid" else (
+            self.spec.defaults() if self.spec.enqueue_defaults else [])
+        for point in points:
+            study.enqueue_trial(point)
+        study.set_user_attr("ready", True)  # last: the other workers wait for it
+
+    def _wait_ready(self, study: optuna.Study, timeout: float = 120) -> optuna.Study:
+        deadline = time.monotonic() + timeout
+        while not study.user_attrs.get("ready"):
+            if time.monotonic() > deadline:
+                raise OptstudyError(f"study {self.spec.name!r} exists in {self.storage_url} but its first worker never "
+                                    f"finished setting it up; delete it (optuna delete-study) and start again")
+            time.sleep(0.5)
+        return study
+
+    # the loop
+    def run(self, n_trials: int | None = None) -> int:
+        """Runs trials until the study's budget (or this worker's ``n_trials``) is spent; returns how many."""
+        done = 0
+        while n_trials is None or done < n_trials:
+            retry_dead_trials(self.study, self.storage)
+            if not self._budget_left():
+                break
+            self.study.optimize(self._objective, n_trials=1, catch=(Exception,), gc_after_trial=False,
+                                callbacks=[_print_outcome])
+            done += 1
+        return done
+
+    def _budget_left(self) -> bool:
+        trials = self.study.get_trials(deepcopy=False)
+        if self.spec.sampler["name"] == "grid":
+            return any(t.state == TrialState.WAITING for t in trials)
+        retried = {t.system_attrs.get("failed_trial") for t in trials}
+        spent = [t for t in trials if (t.state in FINISHED and t.number not in retried and
+                                       not t.user_attrs.get("surplus")) or t.state == TrialState.RUNNING]
+        return len(spent) < self.spec.n_trials
+
+    def _objective(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        if self.spec.sampler["name"] == "grid" and "fixed_params" not in trial.system_attrs:
+            # another worker took the last grid point between our check and our ask: not a configuration
+            trial.set_user_attr("surplus", True)
+            raise optuna.TrialPruned("surplus: the grid was exhausted by another worker")
+        params = suggest(trial, self.spec)
+        values, runs = [], []
+        try:
+            for i, seed in enumerate(self.spec.seeds):
+                value, run_id = self._train(trial, params, seed, offset=i * self.epochs)
+                values.append(value)
+                runs.append(run_id)
+                trial.set_user_attr("seed_values", values)
+                trial.set_user_attr("mlflow_run_ids", runs)
+                trial.set_user_attr("mlflow_run_id", runs[0])
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:2000])
+            raise
+        value = statistics.fmean(values)
+        if not math.isfinite(value):
+            trial.set_user_attr("fail_reason", f"non-finite objective {value}")
+            raise OptstudyError(f"trial {trial.number}: non-finite objective {value}")
+        return value
+
+    def _train(self, trial, params, seed, offset) -> tuple[float, str | None]:
+        with tempfile.TemporaryDirectory(prefix="optstudy-trial-") as tmp:  # artifacts are copied into MLflow
+            overrides = [*self.spec.overrides, *overrides_for(params), f"seed={seed}", f"objective={self.objective}",
+                         f"logger.experiment={self.spec.name}", "checkpoint.enabled=false", f"checkpoint.dir={tmp}",
+                         *self._tags(trial, seed), *self.extra]
+            if self.ddp:
+                return train_in_subprocess(overrides)
+            from optstudy.train import train
+
+            result = train(compose(overrides), callbacks=[Pruning(trial, self.objective, offset)])
+        return result.value, result.run_id
+
+    def _tags(self, trial, seed) -> list[str]:
+        attrs = self.study.user_attrs
+        tags = [f"+tags.optuna.study={self.spec.name}", f"+tags.optuna.trial={trial.number}", f"+tags.seed={seed}",
+                f"+tags.mlflow.parentRunId={attrs['mlflow_parent_run_id']}"]
+        if not os.environ.get("MLFLOW_TRACKING_URI"):  # all trials go where the study's parent run is
+            tags.append(f"logger.tracking_uri='{attrs['tracking_uri']}'")
+        return tags
+
+
+def _print_outcome(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """One line per trial (Optuna's own log of a failure is a traceback; the reason is in the trial's attrs)."""
+    params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    if trial.state == TrialState.COMPLETE:
+        outcome = f"{study.user_attrs.get('objective', 'value')}={trial.value:.6g}"
+    elif trial.state == TrialState.FAIL:
+        outcome = f"failed: {trial.user_attrs.get('fail_reason', '?')}"
+    else:
+        outcome = trial.state.name.lower()
+    print(f"trial {trial.number} {outcome}  ({params})", flush=True)
+
+
+def train_in_subprocess(overrides: list[str]) -> tuple[float, str | None]:
+    """A multi-device trial: ``train.py`` in its own process, because Lightning's DDP re-executes ``sys.argv`` for the
+    other ranks (a study driver in DDP mode would start more drivers). No pruning across the process boundary."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides, f"+result_file={out}"],
+                              cwd=os.getcwd(), capture_output=True, text=True)
+        if proc.returncode != 0 or not out.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise OptstudyError(f"train.py exited with {proc.returncode}: {' | '.join(tail)}")
+        result = json.loads(out.read_text())
+    return result["value"], result.get("run_id")
+
+
+def retry_dead_trials(study: optuna.Study, storage) -> None:
+    """Journal files have no heartbeats: fail the RUNNING trials whose worker process on this host is gone and
+    enqueue their params again (database storages do this through Optuna's heartbeats)."""
+    if hasattr(storage, "record_heartbeat"):
+        return
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker") or {}
+        if worker.get("host") != host or _alive(worker.get("pid")):
+            continue
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, t.number)
+        if storage.set_trial_state_values(trial_id, TrialState.FAIL):
+            storage.set_trial_user_attr(trial_id, "fail_reason", f"worker process {worker.get('pid')} died")
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            storage.set_trial_system_attr(trial_id, "retried", True)
+
+
+def _alive(pid) -> bool:
+    if not pid:
+        return True  # not ours to judge
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def make_sampler(spec: Study) -> optuna.samplers.BaseSampler:
+    options = {k: v for k, v in spec.sampler.items() if k != "name"}
+    name = spec.sampler["name"]
+    try:
+        if name == "tpe":
+            # multivariate + group: the spaces are conditional on the optimizer; constant_liar: parallel workers
+            return optuna.samplers.TPESampler(**{"multivariate": True, "group": True, "constant_liar": True,
+                                                 **options})
+        if name == "qmc":
+            return optuna.samplers.QMCSampler(**{"scramble": True, **options})
+        return optuna.samplers.RandomSampler(**options)  # random, and grid (whose points are all enqueued)
+    except TypeError as exc:
+        raise ConfigError(f"sampler: {exc}") from None
+
+
+def make_pruner(spec: Study, epochs: int) -> optuna.pruners.BasePruner:
+    options = {k: v for k, v in spec.pruner.items() if k != "name"}
+    name = spec.pruner["name"]
+    try:
+        if name == "median":
+            return optuna.pruners.MedianPruner(**{"n_startup_trials": 5, "n_warmup_steps": 1, **options})
+        if name == "hyperband":
+            total = epochs * len(spec.seeds)  # a trial reports once per epoch of each seed
+            return optuna.pruners.HyperbandPruner(**{"min_resource": 1, "max_resource": total, **options})
+        return optuna.pruners.NopPruner()
+    except TypeError as exc:
+        raise ConfigError(f"pruner: {exc}") from None
