@@ -14,3 +14,23 @@ def mlflow_uri(tmp_path_factory) -> str:
 def _isolated(monkeypatch, tmp_path, mlflow_uri):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """SQLAlchemy URL (postgresql+psycopg://...) of the `optuna` database of a PostgreSQL server:
+    $OPTSTUDY_TEST_POSTGRES_URL (CI sets it), else a throwaway server for the session (scripts/postgres.sh). Skips
+    where PostgreSQL is not installed; fails instead when $CI is set. Shared by the session: see postgres_db_url."""
+    from . import postgres
+
+    with postgres.server() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_db_url(postgres_url):
+    """URL of a fresh, empty database of its own on postgres_url's server, dropped after the test."""
+    from . import postgres
+
+    with postgres.fresh_database(postgres_url) as url:
+        yield url
