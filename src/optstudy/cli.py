@@ -18,7 +18,13 @@ from optstudy.errors import OptstudyError
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, rest = p.parse_known_args(argv)
+    # overrides may come after the options too (argparse stops collecting positionals at the first option)
+    if rest and getattr(args, "overrides", None) is not None and not any(r.startswith("-") for r in rest):
+        args.overrides += rest
+    elif rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args) or 0
     except OptstudyError as exc:

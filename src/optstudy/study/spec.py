@@ -53,7 +53,15 @@ class Param:
     integer: bool = False
     choices: tuple | None = None
 
-    def suggest(self, trial):
+    def suggest(self, trial, grid: bool = False):
+        if self.choices is not None and grid and all(_number(c) for c in self.choices):
+            # a grid trial's value is fixed (enqueued); a numeric range holding every choice records it, while a
+            # categorical would have to list the same choices for every optimizer (Optuna's rule for a name)
+            low, high = min(self.choices), max(self.choices)
+            log = low > 0
+            if all(isinstance(c, int) for c in self.choices):
+                return trial.suggest_int(self.name, low, max(high, low + 1), log=log)
+            return trial.suggest_float(self.name, low, high if high > low else low * 2 if log else low + 1, log=log)
         if self.choices is not None:
             return trial.suggest_categorical(self.name, list(self.choices))
         if self.integer:
@@ -118,6 +126,10 @@ class Study:
         return out
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _middle(p: Param):
     if p.choices is not None:
         return p.choices[len(p.choices) // 2]
@@ -162,7 +174,23 @@ def parse(raw, where: str = "study") -> Study:
         overrides=tuple(str(o) for o in raw.get("overrides") or ()), source=raw)
     if study.sampler["name"] == "grid":
         _check_grid(study, where)
+    else:
+        _check_categoricals(study, where)
     return study
+
+
+def _check_categoricals(study: Study, where):
+    """Outside a grid a list is a categorical choice, and Optuna needs one set of choices per param name."""
+    seen = {}
+    for space in study.spaces.values():
+        for p in list(space.params) + [p for ps in (space.bounds or {}).values() for p in ps]:
+            if p.choices is None:
+                continue
+            first = seen.setdefault(p.name, (space.optimizer, p.choices))
+            if first[1] != p.choices:
+                raise ConfigError(f"{where}: optimizers.{first[0]} and optimizers.{space.optimizer} list different "
+                                  f"values for {p.name}; with sampler {study.sampler['name']} a list is a "
+                                  f"categorical choice that must be the same wherever it appears (or use a range)")
 
 
 def _name(value, where):

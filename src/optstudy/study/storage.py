@@ -32,7 +32,7 @@ def open_storage(url: str | None, heartbeat: int = 30):
         try:
             storage = optuna.storages.RDBStorage(
                 url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
                 engine_kwargs={"pool_pre_ping": True})
         except Exception as exc:  # a wrong URL, a server that is down: say which, without a traceback
             raise ConfigError(f"--storage {url}: cannot open it ({type(exc).__name__}: {exc})") from None

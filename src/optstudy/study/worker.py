@@ -37,12 +37,13 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # --- configuration of one trial -------------------------------------------------------------------------------------
 def suggest(trial: optuna.Trial, study: Study) -> dict:
     """The trial's params: the optimizer, then its own space, then its bound schedule's (conditional spaces)."""
+    grid = study.sampler["name"] == "grid"
     name = trial.suggest_categorical("optimizer", list(study.spaces))
     space = study.spaces[name]
-    params = {"optimizer": name, **{p.name: p.suggest(trial) for p in space.params}}
+    params = {"optimizer": name, **{p.name: p.suggest(trial, grid) for p in space.params}}
     if space.bounds:
         bound = trial.suggest_categorical("bound", list(space.bounds))
-        params.update(bound=bound, **{p.name: p.suggest(trial) for p in space.bounds[bound]})
+        params.update(bound=bound, **{p.name: p.suggest(trial, grid) for p in space.bounds[bound]})
     return params
 
 
@@ -69,8 +70,13 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
+    from hydra.errors import HydraException
+
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
+        try:
+            cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
+        except HydraException as exc:  # a typo in an override: Hydra's message names the key and what it expected
+            raise ConfigError(f"overrides: {exc}".replace("\n", " ")) from None
         HydraConfig.instance().set_config(cfg)  # code that asks Hydra for its run (e.g. output_dir) gets answers
     return cfg
 
@@ -161,20 +167,20 @@ class Worker:
         trials = self.study.get_trials(deepcopy=False)
         if self.spec.sampler["name"] == "grid":
             return any(t.state == TrialState.WAITING for t in trials)
-        retried = {t.system_attrs.get("failed_trial") for t in trials}
+        retried = {t.system_attrs.get("failed_trial") for t in trials} | {t.user_attrs.get("retry_of") for t in trials}
         spent = [t for t in trials if (t.state in FINISHED and t.number not in retried and
                                        not t.user_attrs.get("surplus")) or t.state == TrialState.RUNNING]
         return len(spent) < self.spec.n_trials
 
     def _objective(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
-        if self.spec.sampler["name"] == "grid" and "fixed_params" not in trial.system_attrs:
+        if self.spec.sampler["name"] == "grid" and "fixed_params" not in self._system_attrs(trial):
             # another worker took the last grid point between our check and our ask: not a configuration
             trial.set_user_attr("surplus", True)
             raise optuna.TrialPruned("surplus: the grid was exhausted by another worker")
-        params = suggest(trial, self.spec)
         values, runs = [], []
         try:
+            params = suggest(trial, self.spec)
             for i, seed in enumerate(self.spec.seeds):
                 value, run_id = self._train(trial, params, seed, offset=i * self.epochs)
                 values.append(value)
@@ -192,6 +198,11 @@ class Worker:
             trial.set_user_attr("fail_reason", f"non-finite objective {value}")
             raise OptstudyError(f"trial {trial.number}: non-finite objective {value}")
         return value
+
+    def _system_attrs(self, trial: optuna.Trial) -> dict:
+        study_id = self.storage.get_study_id_from_name(self.spec.name)
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        return self.storage.get_trial_system_attrs(trial_id)
 
     def _train(self, trial, params, seed, offset) -> tuple[float, str | None]:
         with tempfile.TemporaryDirectory(prefix="optstudy-trial-") as tmp:  # artifacts are copied into MLflow
@@ -250,11 +261,15 @@ def retry_dead_trials(study: optuna.Study, storage) -> None:
         worker = t.user_attrs.get("worker") or {}
         if worker.get("host") != host or _alive(worker.get("pid")):
             continue
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, t.number)
-        if storage.set_trial_state_values(trial_id, TrialState.FAIL):
+        study_id = storage.get_study_id_from_name(study.study_name)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        try:  # attrs first: a finished trial takes no more writes
             storage.set_trial_user_attr(trial_id, "fail_reason", f"worker process {worker.get('pid')} died")
+            failed = storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            failed = False  # another worker of this host got there first
+        if failed:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-            storage.set_trial_system_attr(trial_id, "retried", True)
 
 
 def _alive(pid) -> bool:

@@ -1,0 +1,133 @@
+"""The report's figures, drawn with matplotlib's object API (no pyplot state) and returned as base64 PNG.
+
+Each optimizer keeps one colour across figures (``colors``).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from optstudy import lrlog
+
+DPI = 90
+
+
+def png(fig: Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def colors(optimizers: list[str]) -> dict[str, str]:
+    return {o: f"C{i % 10}" for i, o in enumerate(optimizers)}
+
+
+def hyperparameters(optimizer: str, seeds: pd.DataFrame, configs: pd.DataFrame, params: list[str],
+                    kinds: dict[str, tuple[bool, bool]], objective: str, color: str) -> str:
+    """One panel per hyperparameter: every seed's value (dots) and each configuration's mean (marker) with its
+    min-max over seeds (bar). ``kinds[name]`` = (log axis, categorical)."""
+    cols = min(len(params), 3)
+    rows = -(-len(params) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.3 * rows), layout="constrained")
+    for i, name in enumerate(params):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        log, categorical = kinds[name]
+        _param_panel(ax, seeds, configs, f"params_{name}", log, categorical, color)
+        ax.set(xlabel=name, ylabel=objective if i % cols == 0 else None)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{optimizer}: {objective} per configuration (dots: seeds; marker and bar: mean, min-max)")
+    return png(fig)
+
+
+def _param_panel(ax, seeds, configs, column, log, categorical, color):
+    mine = configs[configs[column].notna()]
+    dots = seeds[seeds[column].notna()]
+    if categorical:
+        labels = sorted({str(v) for v in mine[column]})
+        where = {v: j for j, v in enumerate(labels)}
+        x_conf, x_seed = mine[column].astype(str).map(where), dots[column].astype(str).map(where)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlim(-0.5, len(labels) - 0.5)
+    else:
+        x_conf, x_seed = mine[column].astype(float), dots[column].astype(float)
+        if log:
+            ax.set_xscale("log")
+    ax.scatter(x_seed, dots["value"], s=12, color=color, alpha=0.35, lw=0)
+    yerr = np.vstack([mine["mean"] - mine["min"], mine["max"] - mine["mean"]])
+    ax.errorbar(x_conf, mine["mean"], yerr=yerr, fmt="o", color=color, ms=5, capsize=3, lw=1)
+
+
+def lr_sensitivity(curve: pd.DataFrame, objective: str, color: dict[str, str]) -> str:
+    """DeepOBS' learning-rate sensitivity: per optimizer, the best mean objective at each lr, band min-max."""
+    fig = Figure(figsize=(8, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    for optimizer, rows in curve.groupby("optimizer", sort=False):
+        rows = rows.sort_values("lr")
+        c = color.get(optimizer, "k")
+        ax.plot(rows["lr"], rows["mean"], "o-", color=c, ms=4, label=optimizer)
+        ax.fill_between(rows["lr"], rows["min"], rows["max"], color=c, alpha=0.18, lw=0)
+        if len(rows) == 1:  # a band needs two points: show the spread as a bar
+            ax.errorbar(rows["lr"], rows["mean"], yerr=[rows["mean"] - rows["min"], rows["max"] - rows["mean"]],
+                        color=c, capsize=3)
+    ax.set(xscale="log", xlabel="learning rate", ylabel=f"{objective} (best configuration at each lr)",
+           title="learning-rate sensitivity: mean over seeds, band min-max")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return png(fig)
+
+
+def importance_bars(table: pd.DataFrame) -> str:
+    scopes = list(dict.fromkeys(table["scope"]))
+    fig = Figure(figsize=(4.2 * len(scopes), 0.5 + 0.45 * table.groupby("scope").size().max() + 1),
+                 layout="constrained")
+    for i, scope in enumerate(scopes):
+        rows = table[table["scope"] == scope].sort_values("importance")
+        ax = fig.add_subplot(1, len(scopes), i + 1)
+        ax.barh(rows["param"], rows["importance"], color="C0")
+        ax.set(xlim=(0, 1), xlabel="importance (fANOVA, normalized)", title=scope)
+    return png(fig)
+
+
+def learning_curves(curves: dict[str, pd.DataFrame], objective: str, color: dict[str, str]) -> str:
+    fig = Figure(figsize=(8, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    for optimizer, table in curves.items():
+        c = color.get(optimizer, "k")
+        ax.plot(table["step"], table["mean"], "o-", ms=3, color=c, label=optimizer)
+        ax.fill_between(table["step"], table["min"], table["max"], color=c, alpha=0.18, lw=0)
+    ax.set(xlabel="optimizer step", ylabel=objective, title="best configuration of each optimizer: mean over seeds, "
+           "band min-max")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return png(fig)
+
+
+def heatmap(arrays: dict, title: str) -> str:
+    """``optstudy.lrlog.heatmap`` (the run's own artifact picture), as base64."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return base64.b64encode(lrlog.heatmap(arrays, Path(tmp) / "heatmap.png", title).read_bytes()).decode()
+
+
+def final_distributions(tables: dict[str, pd.DataFrame], color: dict[str, str]) -> str:
+    """The last record's distribution of log10 effective lr of each optimizer's best run, overlaid."""
+    fig = Figure(figsize=(8, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    used = []
+    for optimizer, t in tables.items():
+        ax.stairs(t["fraction"], np.append(t["log10_lr_low"], t["log10_lr_high"].iloc[-1]),
+                  color=color.get(optimizer, "k"), lw=1.5, label=f"{optimizer} (step {t['step'].iloc[0]})")
+        used += list(t.loc[t["fraction"] > 0, "log10_lr_low"]) + list(t.loc[t["fraction"] > 0, "log10_lr_high"])
+    if used:
+        ax.set_xlim(min(used) - 0.5, max(used) + 0.5)
+    ax.set(xlabel="log10 effective learning rate", ylabel="fraction of elements",
+           title="effective learning rates at the last record")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return png(fig)

@@ -1,0 +1,73 @@
+"""Pieces of a self-contained HTML page: escaped text, tables, notes, images as data URIs, one inline style sheet.
+
+Nothing on the page refers to another file or address, so it opens the same from a laptop, a cluster or an email.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1250px; color: #222; line-height: 1.4; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em; } h3 { margin-bottom: 0.3em; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1em; }
+th, td { border: 1px solid #ddd; padding: 0.2em 0.5em; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+.note { background: #fff6dd; border-left: 4px solid #e0b000; padding: 0.3em 0.7em; }
+.row { display: flex; flex-wrap: wrap; gap: 0.5em; } .row figure { margin: 0; flex: 1 1 32%; min-width: 300px; }
+img { max-width: 100%; height: auto; } figcaption { font-size: 0.85em; color: #555; }
+dl { display: grid; grid-template-columns: max-content auto; gap: 0.1em 1em; } dt { font-weight: 600; }
+code { background: #f3f3f3; padding: 0 0.2em; }
+"""
+
+
+@dataclass
+class Section:
+    """One numbered section of the page and the CSV tables behind it (file name -> table)."""
+
+    id: str
+    title: str
+    parts: list[str] = field(default_factory=list)
+    csvs: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    def render(self) -> str:
+        return f'<section id="{self.id}">\n<h2>{esc(self.title)}</h2>\n' + "\n".join(self.parts) + "\n</section>"
+
+
+def esc(value) -> str:
+    return html.escape(str(value))
+
+
+def number(value) -> str:
+    """How the page writes a number: 5 significant digits (the CSVs keep full precision)."""
+    return f"{value:.5g}" if isinstance(value, float) else str(value)
+
+
+def table(df: pd.DataFrame, table_id: str) -> str:
+    return df.to_html(index=False, table_id=table_id, na_rep="—", float_format=number, border=0, escape=True)
+
+
+def note(text: str) -> str:
+    return f'<p class="note">{esc(text)}</p>'
+
+
+def para(text: str) -> str:
+    return f"<p>{esc(text)}</p>"
+
+
+def img(b64: str, alt: str, caption: str | None = None) -> str:
+    image = f'<img alt="{esc(alt)}" src="data:image/png;base64,{b64}">'
+    return f"<figure>{image}<figcaption>{esc(caption)}</figcaption></figure>" if caption else image
+
+
+def definitions(items: dict[str, str]) -> str:
+    return "<dl>" + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in items.items()) + "</dl>"
+
+
+def page(title: str, sections: list[Section]) -> str:
+    body = "\n".join(s.render() for s in sections)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{esc(title)}</title>\n'
+            f"<style>{STYLE}</style>\n</head>\n<body>\n<h1>{esc(title)}</h1>\n{body}\n</body>\n</html>\n")

@@ -1,0 +1,73 @@
+"""Hyperparameter importances with Optuna's fANOVA evaluator, over all optimizers and per optimizer.
+
+Optuna 5's ``get_param_importances`` defaults to PED-ANOVA; this report asks for ``FanovaImportanceEvaluator``
+explicitly (seeded, so the page is reproducible). The trials are copied into an in-memory study first: to leave
+surplus trials out, to keep one optimizer's trials, and to give each parameter one distribution (optimizers'
+lr ranges may differ, which Optuna's evaluators refuse), the union of the ranges.
+"""
+
+from __future__ import annotations
+
+import optuna
+import pandas as pd
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+
+from optstudy.dashboards.trials import Settings, used
+
+MIN_TRIALS = 3  # fewer and fANOVA's forest has nothing to split; below ~20 its numbers are a rough guide
+EVALUATOR = "fANOVA"
+
+
+def importances(study: optuna.Study, s: Settings, optimizers: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Rows (scope, param, importance, trials, evaluator) for ``all optimizers`` and each optimizer where it can be
+    computed; a note for each scope where it cannot."""
+    trials = [t for t in study.get_trials(deepcopy=False) if used(t)]
+    scopes = [("all optimizers", trials, [])] + [
+        (o, [t for t in trials if t.params.get("optimizer") == o], ["optimizer"]) for o in optimizers]
+    rows, notes = [], []
+    for scope, mine, drop in scopes:
+        result = _scope(mine, s, drop)
+        if isinstance(result, str):
+            notes.append(f"{scope}: {result}")
+            continue
+        rows += [dict(scope=scope, param=p, importance=v, trials=len(mine), evaluator=EVALUATOR)
+                 for p, v in result.items()]
+    return pd.DataFrame(rows, columns=["scope", "param", "importance", "trials", "evaluator"]), notes
+
+
+def _scope(trials: list, s: Settings, drop: list[str]) -> dict[str, float] | str:
+    """The importances of the parameters all ``trials`` share, or why there are none."""
+    if not trials:
+        return "no completed trials"
+    params = sorted(set.intersection(*(set(t.params) for t in trials)) - set(drop))
+    if len(params) < 2:
+        return f"only {', '.join(params) or 'no parameter'} searched (importances need at least 2 parameters)"
+    if len(trials) < max(MIN_TRIALS, len(params) + 1):
+        return f"{len(trials)} completed trials for {len(params)} parameters: too few for fANOVA"
+    try:
+        study = optuna.create_study(direction=s.direction)
+        study.add_trials([_restricted(t, params, _union(trials, params)) for t in trials])
+        return get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0), params=params)
+    except (ValueError, RuntimeError, ArithmeticError) as exc:  # e.g. every trial with the same value
+        return f"fANOVA could not be computed ({type(exc).__name__}: {exc})"
+
+
+def _union(trials: list, params: list[str]) -> dict:
+    """One distribution per parameter spanning what every trial had."""
+    out = {}
+    for name in params:
+        dists = [t.distributions[name] for t in trials]
+        if all(isinstance(d, FloatDistribution) for d in dists):
+            out[name] = FloatDistribution(min(d.low for d in dists), max(d.high for d in dists),
+                                          log=all(d.log for d in dists))
+        elif all(isinstance(d, CategoricalDistribution) for d in dists):
+            out[name] = CategoricalDistribution(list(dict.fromkeys(c for d in dists for c in d.choices)))
+        else:
+            out[name] = dists[0]
+    return out
+
+
+def _restricted(trial, params: list[str], dists: dict) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(params={p: trial.params[p] for p in params}, distributions=dists,
+                                     value=trial.value)
