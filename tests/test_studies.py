@@ -223,3 +223,16 @@ def test_status_command(tmp_path, mlflow_uri, capsys):
     assert out.startswith("study stat: 1 trials (1 complete); best #0: val_loss=") and "optimizer=adam lr=0.001" in out
     assert cli(["study", "status", "nope", "--storage", storage]) == 2
     assert "no study 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_ddp_trial_runs_train_py_as_its_own_process(tmp_path, mlflow_uri):
+    path = study_file(tmp_path, "ddp", n_trials=1, enqueue_defaults=False, overrides=[
+        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=1"])
+    storage = str(tmp_path / "ddp.journal")
+    assert cli(["study", "run", str(path), "--storage", storage]) == 0
+    [t] = trials("ddp", storage)
+    assert t.state == TrialState.COMPLETE, t.user_attrs.get("fail_reason")
+    run = MlflowClient(mlflow_uri).get_run(t.user_attrs["mlflow_run_id"])
+    assert run.data.tags["optuna.trial"] == "0" and run.data.metrics["ddp/param_max_diff"] == 0.0
+    assert run.data.metrics["val_loss"] == pytest.approx(t.value)

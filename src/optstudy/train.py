@@ -198,4 +198,5 @@ def write_result(result: Result, path) -> None:
     """The outcome as JSON, for a parent process (a study trial that ran ``train.py`` for DDP); rank 0 only."""
     import json
 
-    Path(path).write_text(json.dumps({"value": result.value, "run_id": result.run_id, "metrics": result.metrics}))
+    Path(path).write_text(json.dumps({"value": result.value, "run_id": result.run_id, "metrics": result.metrics,
+                                      "epoch_seconds": result.epoch_seconds}))

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import optuna
@@ -29,15 +30,20 @@ def open_storage(url: str | None, heartbeat: int = 30):
     if "://" in url and not url.startswith("journal://"):
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url[len("postgresql://"):]  # SQLAlchemy would look for psycopg2
-        try:
-            storage = optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-                engine_kwargs={"pool_pre_ping": True})
-        except Exception as exc:  # a wrong URL, a server that is down: say which, without a traceback
-            raise ConfigError(f"--storage {url}: cannot open it ({type(exc).__name__}: {exc})") from None
-        return storage, url
+        return _database(url, heartbeat), url
     path = Path(url[len("journal://"):] if url.startswith("journal://") else url)
     path.parent.mkdir(parents=True, exist_ok=True)
     backend = optuna.storages.journal.JournalFileBackend(str(path))
     return optuna.storages.JournalStorage(backend), str(path)
+
+
+def _database(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, marked experimental
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+                engine_kwargs={"pool_pre_ping": True})
+    except Exception as exc:  # a wrong URL, a server that is down: say which, without a traceback
+        raise ConfigError(f"--storage {url}: cannot open it ({type(exc).__name__}: {exc})") from None

@@ -178,13 +178,15 @@ class Worker:
             # another worker took the last grid point between our check and our ask: not a configuration
             trial.set_user_attr("surplus", True)
             raise optuna.TrialPruned("surplus: the grid was exhausted by another worker")
-        values, runs = [], []
+        values, runs, seconds = [], [], 0.0
         try:
             params = suggest(trial, self.spec)
             for i, seed in enumerate(self.spec.seeds):
-                value, run_id = self._train(trial, params, seed, offset=i * self.epochs)
+                value, run_id, train_seconds = self._train(trial, params, seed, offset=i * self.epochs)
                 values.append(value)
                 runs.append(run_id)
+                seconds += train_seconds
+                trial.set_user_attr("train_seconds", seconds)  # epochs only: the rest of the trial is overhead
                 trial.set_user_attr("seed_values", values)
                 trial.set_user_attr("mlflow_run_ids", runs)
                 trial.set_user_attr("mlflow_run_id", runs[0])
@@ -204,7 +206,7 @@ class Worker:
         trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         return self.storage.get_trial_system_attrs(trial_id)
 
-    def _train(self, trial, params, seed, offset) -> tuple[float, str | None]:
+    def _train(self, trial, params, seed, offset) -> tuple[float, str | None, float]:
         with tempfile.TemporaryDirectory(prefix="optstudy-trial-") as tmp:  # artifacts are copied into MLflow
             overrides = [*self.spec.overrides, *overrides_for(params), f"seed={seed}", f"objective={self.objective}",
                          f"logger.experiment={self.spec.name}", "checkpoint.enabled=false", f"checkpoint.dir={tmp}",
@@ -214,7 +216,7 @@ class Worker:
             from optstudy.train import train
 
             result = train(compose(overrides), callbacks=[Pruning(trial, self.objective, offset)])
-        return result.value, result.run_id
+        return result.value, result.run_id, sum(result.epoch_seconds)
 
     def _tags(self, trial, seed) -> list[str]:
         attrs = self.study.user_attrs
@@ -237,7 +239,7 @@ def _print_outcome(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None
     print(f"trial {trial.number} {outcome}  ({params})", flush=True)
 
 
-def train_in_subprocess(overrides: list[str]) -> tuple[float, str | None]:
+def train_in_subprocess(overrides: list[str]) -> tuple[float, str | None, float]:
     """A multi-device trial: ``train.py`` in its own process, because Lightning's DDP re-executes ``sys.argv`` for the
     other ranks (a study driver in DDP mode would start more drivers). No pruning across the process boundary."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -248,7 +250,7 @@ def train_in_subprocess(overrides: list[str]) -> tuple[float, str | None]:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
             raise OptstudyError(f"train.py exited with {proc.returncode}: {' | '.join(tail)}")
         result = json.loads(out.read_text())
-    return result["value"], result.get("run_id")
+    return result["value"], result.get("run_id"), sum(result.get("epoch_seconds", []))
 
 
 def retry_dead_trials(study: optuna.Study, storage) -> None:
