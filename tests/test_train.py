@@ -103,3 +103,11 @@ def test_a_default_run_prints_one_line_per_epoch_and_a_summary(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("epoch 1/2  step 23  ") and "val_acc" in out[0]
     assert out[-1].startswith("run ") and "'adam lr=0.001 seed=0' finished in" in out[-1]
+
+
+def test_switching_optimizer_drops_hyperparameters_it_does_not_have(capsys):
+    assert math.isfinite(run(cfg("experiment=counterexample", "optimizer=sgd", "trainer.max_epochs=1",
+                                 "data.steps_per_epoch=5", "logger=none")))
+    assert "note: optimizer sgd has no betas; ignoring optimizer.betas=[0.9, 0.99]" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"optimizer sgd: unknown keyword 'betaz'"):
+        run(cfg("optimizer=sgd", "+optimizer.betaz=1", "logger=none"))

@@ -35,6 +35,11 @@ def optimizer_kwargs(cfg: DictConfig) -> dict:
     """The optimizer's name and keywords from ``cfg.optimizer`` (and ``cfg.bound`` for the bounded ones)."""
     hp = OmegaConf.to_container(cfg.optimizer, resolve=True)
     name = hp.pop("name")
+    # an experiment sets e.g. betas for Adam; switching to SGD on the command line keeps them. A hyperparameter of
+    # another core optimizer is dropped with a note; anything else still fails in optim.build as unknown
+    others = {k for n in optim.NAMES for k in optim.defaults(n)} - set(optim.defaults(name))
+    for key in sorted(others & set(hp)):
+        print(f"note: optimizer {name} has no {key}; ignoring optimizer.{key}={hp.pop(key)}", flush=True)
     if isinstance(hp.get("betas"), list):
         hp["betas"] = tuple(hp["betas"])
     if "bound" in optim.defaults(name) and "bound" in cfg:

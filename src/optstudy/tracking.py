@@ -1,8 +1,8 @@
 """MLflow tracking: one run per training, written in batches off the training thread.
 
-``MLflowLogger`` is a Lightning logger over ``MlflowClient``. Metrics are buffered and sent with
-``log_batch(synchronous=False)`` (MLflow's own background queue), so a step that logs costs a list append, not a
-round trip: against a tracking server one synchronous ``log_metric`` costs ~75 ms here. Only rank 0 creates a run and
+``MLflowLogger`` is a Lightning logger over ``MlflowClient``. Metrics are buffered and sent in batches of up to 1000
+by a background thread (``Sender``), so a step that logs costs a list append, not a round trip: against a tracking
+server one synchronous ``log_metric`` costs ~75 ms here. Only rank 0 creates a run and
 logs (Lightning calls loggers on rank 0 only).
 
 The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else a SQLite file in the working directory (MLflow >= 3.13
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import subprocess
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -78,7 +80,7 @@ class MLflowLogger(Logger):
         self.tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
         self._run_id, self._client = run_id, None
         self._buffer: list = []
-        self._pending: list = []  # RunOperations of batches handed to MLflow's queue
+        self._sender: Sender | None = None
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
         self._last_flush = time.monotonic()
 
@@ -132,17 +134,17 @@ class MLflowLogger(Logger):
     # --- ours ---------------------------------------------------------------------------------------------------
     @rank_zero_only
     def flush(self, wait: bool = False) -> None:
-        """Hands the buffered metrics to MLflow's background queue; ``wait``: until they are written."""
+        """Hands the buffered metrics to the sender thread; ``wait``: until they are written."""
         if self._buffer:
+            if self._sender is None:
+                self._sender = Sender(self.experiment, self.run_id)
             batch, self._buffer = self._buffer, []
             for i in range(0, len(batch), 1000):  # MLflow's limit per batch
-                self._pending.append(self.experiment.log_batch(self.run_id, metrics=batch[i:i + 1000],
-                                                               synchronous=False))
+                self._sender.send(batch[i:i + 1000])
         self._last_flush = time.monotonic()
-        if wait:
-            for op in self._pending:
-                op.wait()
-            self._pending = []
+        if wait and self._sender is not None:
+            self._sender.stop()
+            self._sender = None
 
     @rank_zero_only
     def set_tags(self, tags: dict) -> None:
@@ -188,3 +190,36 @@ class MLflowLogger(Logger):
         db = Path(self.uri[len("sqlite:///"):])
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.experiment_name)
         return (db.parent / "mlartifacts" / safe).resolve().as_uri()
+
+
+class Sender:
+    """One daemon thread that writes metric batches with synchronous ``log_batch`` calls, in order.
+
+    MLflow's own asynchronous queue (``synchronous=False``) does the same with four threads, but its loop polls
+    with a one-second timeout, so ending a run waited 0.5 s on average: a third of a short study trial.
+    """
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+        self.queue: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="optstudy-mlflow-sender", daemon=True)
+        self.thread.start()
+
+    def send(self, metrics: list) -> None:
+        self.queue.put(metrics)
+
+    def stop(self) -> None:
+        """Writes what is queued, ends the thread, and raises the first error it met."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _loop(self) -> None:
+        while (batch := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.client.log_batch(self.run_id, metrics=batch)
+                except Exception as exc:  # kept for stop(): a failure must not pass silently
+                    self.error = exc

@@ -93,10 +93,11 @@ def _best_trial(study: optuna.Study, t: Tables) -> list[str]:
         return [h.note("no completed trial (surplus trials are ignored)")]
     attrs = best.user_attrs
     params = pd.DataFrame({"param": list(best.params), "value": [h.number(v) for v in best.params.values()]})
+    run_ids = attrs.get("mlflow_run_ids") or [attrs.get("mlflow_run_id") or "—"]
     return [h.definitions({"trial": best.number, "optimizer": best.params.get("optimizer", "—"),
                            t.settings.objective: h.number(best.value),
                            "seed values": ", ".join(h.number(float(v)) for v in attrs.get("seed_values", [])) or "—",
-                           "MLflow runs": ", ".join(attrs.get("mlflow_run_ids") or [attrs.get("mlflow_run_id") or "—"])}),
+                           "MLflow runs": ", ".join(run_ids)}),
             h.table(params, "best-params")]
 
 

@@ -32,9 +32,10 @@ def history(client: MlflowClient, run_id: str | None, key: str) -> pd.Series | M
     if not run_id:
         return Missing("no MLflow run id")
     try:
+        client.get_run(run_id)  # a run that is not there has an empty history: say which it is
         metrics = client.get_metric_history(run_id, key)
     except MlflowException as exc:
-        return Missing(f"run {run_id}: {exc.message if hasattr(exc, 'message') else exc}")
+        return Missing(f"run {run_id}: {_short(exc)}")
     if not metrics:
         return Missing(f"run {run_id} has no {key} history")
     metrics = sorted(metrics, key=lambda m: (m.step, m.timestamp))

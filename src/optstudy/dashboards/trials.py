@@ -12,7 +12,6 @@ import json
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import optuna
 import pandas as pd
 from optuna.distributions import CategoricalDistribution, FloatDistribution
@@ -174,8 +173,3 @@ def state_counts(study: optuna.Study) -> pd.DataFrame:
 def _columns(rows: list[dict], first: list[str]) -> list[str]:
     rest = sorted({k for r in rows for k in r} - set(first))
     return first + rest
-
-
-def finite(values) -> np.ndarray:
-    values = np.asarray(values, dtype=float)
-    return values[np.isfinite(values)]
