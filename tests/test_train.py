@@ -111,3 +111,13 @@ def test_switching_optimizer_drops_hyperparameters_it_does_not_have(capsys):
     assert "note: optimizer sgd has no betas; ignoring optimizer.betas=[0.9, 0.99]" in capsys.readouterr().out
     with pytest.raises(ConfigError, match=r"optimizer sgd: unknown keyword 'betaz'"):
         run(cfg("optimizer=sgd", "+optimizer.betaz=1", "logger=none"))
+
+
+def test_a_trainer_this_machine_cannot_run_is_a_config_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: trainer=gpu is valid here")
+    with pytest.raises(ConfigError, match=r"trainer \(accelerator=gpu, devices=1, strategy=auto\): Lightning "
+                                          r"refuses it on this machine: No supported gpu backend found"):
+        run(cfg("trainer=gpu", "logger=none"))

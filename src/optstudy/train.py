@@ -89,6 +89,17 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     return kwargs
 
 
+def make_trainer(kwargs: dict, **extra) -> pl.Trainer:
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return pl.Trainer(**kwargs, **extra, enable_model_summary=False, num_sanity_val_steps=0,
+                          use_distributed_sampler=False)  # our sampler shards by rank itself (EpochShuffle)
+    except (MisconfigurationException, ValueError) as exc:  # e.g. trainer=gpu on a machine without one
+        shown = ", ".join(f"{k}={kwargs[k]}" for k in ("accelerator", "devices", "strategy") if k in kwargs)
+        raise ConfigError(f"trainer ({shown}): Lightning refuses it on this machine: {exc}") from None
+
+
 def _resumed_run(cfg: DictConfig) -> str | None:
     """The MLflow run a checkpoint belongs to, so that resuming continues its curves."""
     if not cfg.get("ckpt_path"):
@@ -132,8 +143,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Result:
     callbacks = [*recorders, timer, *(callbacks or [])]
     if cfg.checkpoint.enabled:
         callbacks.append(pl.callbacks.ModelCheckpoint(out / "checkpoints", save_last=True))
-    trainer = pl.Trainer(**kwargs, logger=logger or False, callbacks=callbacks,
-                         enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False)
+    trainer = make_trainer(kwargs, logger=logger or False, callbacks=callbacks)
     module.tracking = {"run_id": logger.run_id if logger else None, "tracking_uri": logger.uri if logger else None}
     if logger is not None and not cfg.get("ckpt_path"):
         logger.log_hyperparams(_resolved(cfg))
