@@ -227,11 +227,11 @@ def test_status_command(tmp_path, mlflow_uri, capsys):
 
 @pytest.mark.slow
 def test_a_ddp_trial_runs_train_py_as_its_own_process(tmp_path, mlflow_uri):
-    path = study_file(tmp_path, "ddp", n_trials=1, enqueue_defaults=False, overrides=[
+    path = study_file(tmp_path, "ddpstudy", n_trials=1, enqueue_defaults=False, overrides=[
         "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=1"])
-    storage = str(tmp_path / "ddp.journal")
+    storage = str(tmp_path / "ddpstudy.journal")
     assert cli(["study", "run", str(path), "--storage", storage]) == 0
-    [t] = trials("ddp", storage)
+    [t] = trials("ddpstudy", storage)
     assert t.state == TrialState.COMPLETE, t.user_attrs.get("fail_reason")
     run = MlflowClient(mlflow_uri).get_run(t.user_attrs["mlflow_run_id"])
     assert run.data.tags["optuna.trial"] == "0" and run.data.metrics["ddp/param_max_diff"] == 0.0

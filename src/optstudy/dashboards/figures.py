@@ -35,14 +35,14 @@ def hyperparameters(optimizer: str, seeds: pd.DataFrame, configs: pd.DataFrame, 
     min-max over seeds (bar). ``kinds[name]`` = (log axis, categorical)."""
     cols = min(len(params), 3)
     rows = -(-len(params) // cols)
-    fig = Figure(figsize=(4.2 * cols, 3.3 * rows), layout="constrained")
+    fig = Figure(figsize=(max(4.6 * cols, 6.0), 3.4 * rows), layout="constrained")
     for i, name in enumerate(params):
         ax = fig.add_subplot(rows, cols, i + 1)
         log, categorical = kinds[name]
         _param_panel(ax, seeds, configs, f"params_{name}", log, categorical, color)
         ax.set(xlabel=name, ylabel=objective if i % cols == 0 else None)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{optimizer}: {objective} per configuration (dots: seeds; marker and bar: mean, min-max)")
+    fig.suptitle(f"{optimizer}: seeds (dots), mean and min-max per configuration")
     return png(fig)
 
 

@@ -6,6 +6,7 @@ Nothing on the page refers to another file or address, so it opens the same from
 from __future__ import annotations
 
 import html
+import math
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -14,8 +15,8 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1250px; color: #222; line-height: 1.4; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em; } h3 { margin-bottom: 0.3em; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1em; }
-th, td { border: 1px solid #ddd; padding: 0.2em 0.5em; text-align: right; }
-th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+th, td { border: 1px solid #ddd; padding: 0.2em 0.5em; text-align: left; font-variant-numeric: tabular-nums; }
+th { background: #f3f3f3; } .wide { overflow-x: auto; }
 .note { background: #fff6dd; border-left: 4px solid #e0b000; padding: 0.3em 0.7em; }
 .row { display: flex; flex-wrap: wrap; gap: 0.5em; } .row figure { margin: 0; flex: 1 1 32%; min-width: 300px; }
 img { max-width: 100%; height: auto; } figcaption { font-size: 0.85em; color: #555; }
@@ -42,12 +43,21 @@ def esc(value) -> str:
 
 
 def number(value) -> str:
-    """How the page writes a number: 5 significant digits (the CSVs keep full precision)."""
+    """How the page writes a value: floats to 5 significant digits (the CSVs keep full precision), missing as —."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
     return f"{value:.5g}" if isinstance(value, float) else str(value)
 
 
 def table(df: pd.DataFrame, table_id: str) -> str:
-    return df.to_html(index=False, table_id=table_id, na_rep="—", float_format=number, border=0, escape=True)
+    cells = df.astype(object).map(number)
+    return '<div class="wide">' + cells.to_html(index=False, table_id=table_id, border=0, escape=True) + "</div>"
+
+
+def transposed(df: pd.DataFrame, key: str, table_id: str) -> str:
+    """A table with a row per column of ``df`` and a column per value of ``key`` (wide tables of few rows)."""
+    cells = df.set_index(key).astype(object).map(number).T
+    return table(cells.rename_axis(None, axis=1).reset_index(names="quantity"), table_id)
 
 
 def note(text: str) -> str:

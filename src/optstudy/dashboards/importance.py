@@ -8,9 +8,11 @@ lr ranges may differ, which Optuna's evaluators refuse), the union of the ranges
 
 from __future__ import annotations
 
+import contextlib
+
 import optuna
 import pandas as pd
-from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
 from optstudy.dashboards.trials import Settings, used
@@ -27,30 +29,52 @@ def importances(study: optuna.Study, s: Settings, optimizers: list[str]) -> tupl
         (o, [t for t in trials if t.params.get("optimizer") == o], ["optimizer"]) for o in optimizers]
     rows, notes = [], []
     for scope, mine, drop in scopes:
-        result = _scope(mine, s, drop)
+        shared, conditional = _params(mine, drop)
+        result = _scope(mine, s, shared)
         if isinstance(result, str):
             notes.append(f"{scope}: {result}")
             continue
         rows += [dict(scope=scope, param=p, importance=v, trials=len(mine), evaluator=EVALUATOR)
                  for p, v in result.items()]
+        if conditional:
+            notes.append(f"{scope}: {', '.join(conditional)} left out (only some trials have them)")
     return pd.DataFrame(rows, columns=["scope", "param", "importance", "trials", "evaluator"]), notes
 
 
-def _scope(trials: list, s: Settings, drop: list[str]) -> dict[str, float] | str:
-    """The importances of the parameters all ``trials`` share, or why there are none."""
+def _params(trials: list, drop: list[str]) -> tuple[list[str], list[str]]:
+    """The parameters every trial has, and those only some have."""
+    if not trials:
+        return [], []
+    every, some = set.intersection(*(set(t.params) for t in trials)), set.union(*(set(t.params) for t in trials))
+    return sorted(every - set(drop)), sorted(some - every - set(drop))
+
+
+def _scope(trials: list, s: Settings, params: list[str]) -> dict[str, float] | str:
+    """The importances of ``params`` over ``trials``, or why there are none."""
     if not trials:
         return "no completed trials"
-    params = sorted(set.intersection(*(set(t.params) for t in trials)) - set(drop))
     if len(params) < 2:
         return f"only {', '.join(params) or 'no parameter'} searched (importances need at least 2 parameters)"
     if len(trials) < max(MIN_TRIALS, len(params) + 1):
         return f"{len(trials)} completed trials for {len(params)} parameters: too few for fANOVA"
     try:
-        study = optuna.create_study(direction=s.direction)
+        with _quiet():
+            study = optuna.create_study(direction=s.direction)
         study.add_trials([_restricted(t, params, _union(trials, params)) for t in trials])
         return get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0), params=params)
     except (ValueError, RuntimeError, ArithmeticError) as exc:  # e.g. every trial with the same value
         return f"fANOVA could not be computed ({type(exc).__name__}: {exc})"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Without Optuna's line per in-memory study ("A new study created in memory ...")."""
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(before, optuna.logging.WARNING))
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
 
 
 def _union(trials: list, params: list[str]) -> dict:
@@ -61,6 +85,9 @@ def _union(trials: list, params: list[str]) -> dict:
         if all(isinstance(d, FloatDistribution) for d in dists):
             out[name] = FloatDistribution(min(d.low for d in dists), max(d.high for d in dists),
                                           log=all(d.log for d in dists))
+        elif all(isinstance(d, IntDistribution) for d in dists):
+            out[name] = IntDistribution(min(d.low for d in dists), max(d.high for d in dists),
+                                        log=all(d.log for d in dists))
         elif all(isinstance(d, CategoricalDistribution) for d in dists):
             out[name] = CategoricalDistribution(list(dict.fromkeys(c for d in dists for c in d.choices)))
         else:

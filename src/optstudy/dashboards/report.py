@@ -43,8 +43,8 @@ def tables(study: optuna.Study) -> Tables:
     s = tr.settings(study)
     trials = tr.trial_table(study)
     seeds = tr.seed_table(study, s.seeds)
-    configs = tr.configurations(seeds, s.sign)
     optimizers = tr.optimizer_names(s, trials)
+    configs = tr.configurations(seeds, s.sign, optimizers)
     kinds = {n: (tr.is_log(n, d), tr.is_categorical(n, d)) for n, d in tr.distributions(study).items()}
     return Tables(s, optimizers, trials, seeds, configs, tr.best_configurations(configs),
                   tr.lr_curve(configs, s.sign), kinds, figures.colors(optimizers))
@@ -65,8 +65,6 @@ def write(study: optuna.Study, out_dir: Path, tracking_uri: str | None = None) -
             table.to_csv(out_dir / name, index=False)
     path = out_dir / "index.html"
     path.write_text(h.page(f"Sensitivity report: {study.study_name}", sections), encoding="utf-8")
-    print(f"report of study '{study.study_name}' ({len(t.configs)} configurations of {len(t.optimizers)} "
-          f"optimizers): {path}", flush=True)
     return path
 
 
@@ -152,7 +150,7 @@ def robustness_section(t: Tables) -> h.Section:
         "configurations / seeds / seed_values": "distinct configurations completed; seeds per configuration (most); "
                                                 "seed values in all",
         "*_trials": "trials of the optimizer by state (surplus trials left out)"}))
-    section.parts.append(h.table(table, "robustness-table"))
+    section.parts.append(h.transposed(table, "optimizer", "robustness-table"))
     return section
 
 

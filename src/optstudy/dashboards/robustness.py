@@ -37,21 +37,28 @@ def threshold(best: float, sign: float, tolerance: float = TOLERANCE) -> float:
 def good_region(lrs, values, sign: float, tolerance: float = TOLERANCE) -> dict:
     """Width (decades) of the lr set within ``tolerance`` of the best, its lowest and highest lr, the grid points
     inside, and whether it reaches an end of the searched range. ``lrs`` need not be sorted; values are means."""
-    x, y = np.log10(np.asarray(lrs, dtype=float)), np.asarray(values, dtype=float)
+    lrs, y = np.asarray(lrs, dtype=float), np.asarray(values, dtype=float)
+    x = np.log10(lrs)
     keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
+    lrs, x, y = lrs[keep], x[keep], y[keep]
     if not len(x):
         return dict(width_decades=np.nan, region_lr_low=np.nan, region_lr_high=np.nan, lrs_within=0, lr_points=0,
                     touches_edge=False)
     order = np.argsort(x)
-    x, y = x[order], y[order]
+    lrs, x, y = lrs[order], x[order], y[order]
     best = y[np.argmin(sign * y)]
     margin = sign * (threshold(best, sign, tolerance) - y)  # >= 0: good
     inside = _good_intervals(x, margin)
     return dict(width_decades=float(sum(hi - lo for lo, hi in inside)),
-                region_lr_low=float(10 ** inside[0][0]), region_lr_high=float(10 ** inside[-1][1]),
+                region_lr_low=_lr(inside[0][0], x, lrs), region_lr_high=_lr(inside[-1][1], x, lrs),
                 lrs_within=int((margin >= 0).sum()), lr_points=len(x),
                 touches_edge=bool(margin[0] >= 0 or margin[-1] >= 0))
+
+
+def _lr(log10_lr: float, x: np.ndarray, lrs: np.ndarray) -> float:
+    """Back from log10, exactly where the point is on the grid (10 ** log10(0.3) is not 0.3)."""
+    on_grid = np.flatnonzero(x == log10_lr)
+    return float(lrs[on_grid[0]] if len(on_grid) else 10 ** log10_lr)
 
 
 def _good_intervals(x: np.ndarray, margin: np.ndarray) -> list[tuple[float, float]]:

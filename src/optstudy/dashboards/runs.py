@@ -6,6 +6,8 @@ artifact that is not there: a report of a half-finished study is still a report.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -63,7 +65,7 @@ def histograms(client: MlflowClient, run_id: str | None) -> dict | Missing:
     """The arrays of a run's ``eff_lr_histograms.npz`` (see ``optstudy.lrlog``)."""
     if not run_id:
         return Missing("no MLflow run id")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _no_progress_bar():
         try:
             path = Path(client.download_artifacts(run_id, HISTOGRAMS, tmp))
             with np.load(path) as data:
@@ -82,6 +84,20 @@ def final_distribution(arrays: dict) -> pd.DataFrame:
     frac = counts / max(counts.sum(), 1.0)
     return pd.DataFrame({"step": int(arrays["steps"][-1]), "log10_lr_low": edges[:-1], "log10_lr_high": edges[1:],
                          "fraction": frac})
+
+
+@contextlib.contextmanager
+def _no_progress_bar():
+    """MLflow draws a progress bar on stderr for every download; a report downloads one small file per optimizer."""
+    key, before = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def _short(exc: Exception) -> str:

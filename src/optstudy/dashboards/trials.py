@@ -92,9 +92,9 @@ def seed_table(study: optuna.Study, seeds: list) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=_columns(rows, ["trial", "optimizer", "config", "seed", "value", "run_id"]))
 
 
-def configurations(seeds: pd.DataFrame, sign: float) -> pd.DataFrame:
+def configurations(seeds: pd.DataFrame, sign: float, order: list[str] = ()) -> pd.DataFrame:
     """One row per distinct configuration (trials with equal params pooled): mean, std (ddof=1), min, max over its
-    seed values, the count, its trials and run ids; sorted best first within each optimizer."""
+    seed values, the count, its trials and run ids; optimizers in ``order`` (then by name), best first within each."""
     if seeds.empty:
         return pd.DataFrame(columns=["optimizer", "config", "mean", "std", "min", "max", "n_values", "trials",
                                      "run_ids"])
@@ -104,8 +104,11 @@ def configurations(seeds: pd.DataFrame, sign: float) -> pd.DataFrame:
                         min=("value", "min"), max=("value", "max"), n_values=("value", "size"),
                         trials=("trial", lambda s: sorted(set(s))), run_ids=("run_id", list))
     table = table.join(grouped[params].first()).reset_index()
+    rank = {name: i for i, name in enumerate(order)}
+    table["_rank"] = [(rank.get(o, len(rank)), str(o)) for o in table["optimizer"]]
     table["_loss"] = sign * table["mean"]
-    return table.sort_values(["optimizer", "_loss"], kind="stable").drop(columns="_loss").reset_index(drop=True)
+    table = table.sort_values(["_rank", "_loss"], kind="stable").drop(columns=["_rank", "_loss"])
+    return table.reset_index(drop=True)
 
 
 def best_configurations(configs: pd.DataFrame) -> pd.DataFrame:
@@ -120,8 +123,12 @@ def lr_curve(configs: pd.DataFrame, sign: float) -> pd.DataFrame:
     if configs.empty or "params_lr" not in configs:
         return pd.DataFrame(columns=columns)
     table = configs.dropna(subset=["params_lr"]).rename(columns={"params_lr": "lr"})
-    table = table.assign(_loss=sign * table["mean"]).sort_values(["optimizer", "lr", "_loss"], kind="stable")
-    return table.groupby(["optimizer", "lr"], sort=False).head(1)[columns].reset_index(drop=True)
+    table = table.assign(_loss=sign * table["mean"]).sort_values(["lr", "_loss"], kind="stable")
+    best = table.groupby(["optimizer", "lr"], sort=False).head(1)
+    # keep the optimizers' order of ``configs``
+    order = {o: i for i, o in enumerate(dict.fromkeys(configs["optimizer"]))}
+    best = best.assign(_rank=best["optimizer"].map(order)).sort_values(["_rank", "lr"], kind="stable")
+    return best[columns].reset_index(drop=True)
 
 
 def optimizer_names(s: Settings, trials: pd.DataFrame) -> list[str]:
@@ -153,7 +160,12 @@ def is_log(name: str, dists: list) -> bool:
 
 
 def is_categorical(name: str, dists: list) -> bool:
-    return any(isinstance(d, CategoricalDistribution) for d in dists)
+    """Drawn with a category axis: choices that are not all numbers (``final_lr: [0.01, 0.1]`` stays numeric)."""
+    return any(isinstance(d, CategoricalDistribution) and not all(_numeric(c) for c in d.choices) for d in dists)
+
+
+def _numeric(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def best_trial(study: optuna.Study, sign: float) -> optuna.trial.FrozenTrial | None:
@@ -163,9 +175,12 @@ def best_trial(study: optuna.Study, sign: float) -> optuna.trial.FrozenTrial | N
 
 
 def state_counts(study: optuna.Study) -> pd.DataFrame:
+    """Trials by state, surplus trials (the driver prunes them) counted apart: the rows add up to the total."""
     trials = study.get_trials(deepcopy=False)
-    counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
-    counts["surplus (ignored)"] = sum(bool(t.user_attrs.get("surplus")) for t in trials)
+    kept = [t for t in trials if not t.user_attrs.get("surplus")]
+    order = [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
+    counts = {s.name: sum(t.state == s for t in kept) for s in order}
+    counts["surplus (ignored)"] = len(trials) - len(kept)
     counts["total"] = len(trials)
     return pd.DataFrame({"state": list(counts), "trials": list(counts.values())})
 
