@@ -236,3 +236,17 @@ def test_a_ddp_trial_runs_train_py_as_its_own_process(tmp_path, mlflow_uri):
     run = MlflowClient(mlflow_uri).get_run(t.user_attrs["mlflow_run_id"])
     assert run.data.tags["optuna.trial"] == "0" and run.data.metrics["ddp/param_max_diff"] == 0.0
     assert run.data.metrics["val_loss"] == pytest.approx(t.value)
+
+
+def test_report_command_writes_the_page_and_logs_it_to_the_parent_run(tmp_path, mlflow_uri, capsys):
+    path = study_file(tmp_path, "rep", seeds=[0, 1], sampler={"name": "grid"},
+                      optimizers={"adam": {"lr": [1e-3, 1e-2]}, "momentum": {"lr": [0.1]}})
+    storage = str(tmp_path / "rep.journal")
+    assert cli(["study", "run", str(path), "--storage", storage]) == 0
+    assert cli(["study", "report", "rep", "--storage", storage, "--out", str(tmp_path / "out")]) == 0
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert "adam" in page and "momentum" in page and page.count("<img") >= 4
+    study = optuna.load_study(study_name="rep", storage=open_storage(storage)[0])
+    client = MlflowClient(study.user_attrs["tracking_uri"])
+    logged = {a.path for a in client.list_artifacts(study.user_attrs["mlflow_parent_run_id"], "report")}
+    assert {"report/index.html", "report/robustness.csv"} <= logged
