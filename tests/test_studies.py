@@ -183,7 +183,7 @@ def _kill_first_running_trial(proc, name, storage, timeout=300):
 
 @pytest.mark.slow
 def test_a_killed_workers_trial_is_retried_journal(tmp_path, mlflow_uri):
-    path = study_file(tmp_path, "killed", n_trials=2, overrides=["trainer.max_epochs=30"], enqueue_defaults=False)
+    path = study_file(tmp_path, "killed", n_trials=2, overrides=["trainer.max_epochs=300"], enqueue_defaults=False)
     storage = str(tmp_path / "killed.journal")
     _kill_first_running_trial(worker(path, storage), "killed", storage)
     [dead] = trials("killed", storage, (TrialState.RUNNING,))
@@ -198,8 +198,9 @@ def test_a_killed_workers_trial_is_retried_journal(tmp_path, mlflow_uri):
 @pytest.mark.slow
 def test_postgres_two_workers_and_a_killed_one_retried_by_heartbeat(tmp_path, mlflow_uri, postgres_url):
     name = f"pg{os.getpid()}{int(time.time())}"
-    path = study_file(tmp_path, name, n_trials=4, overrides=["trainer.max_epochs=30"], enqueue_defaults=False)
-    _kill_first_running_trial(worker(path, postgres_url, "--heartbeat", "1"), name, postgres_url)
+    path = study_file(tmp_path, name, n_trials=4, overrides=["trainer.max_epochs=300"], enqueue_defaults=False)
+    killed = worker(path, postgres_url, "--heartbeat", "1")
+    _kill_first_running_trial(killed, name, postgres_url)
     time.sleep(3)  # past the grace period (2 heartbeats)
     procs = [worker(path, postgres_url, "--heartbeat", "1", "trainer.max_epochs=2") for _ in range(2)]
     for p in procs:
@@ -209,7 +210,8 @@ def test_postgres_two_workers_and_a_killed_one_retried_by_heartbeat(tmp_path, ml
     assert len(failed) == 1  # the killed one, failed by the heartbeat check
     retried = [t for t in every if t.system_attrs.get("failed_trial") == failed[0].number]
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE and retried[0].params == failed[0].params
-    assert len({t.user_attrs["worker"]["pid"] for t in every if t.state == TrialState.COMPLETE}) == 2
+    pids = {t.number: (t.state.name, t.user_attrs["worker"]["pid"]) for t in every}
+    assert {pid for state, pid in pids.values() if state == "COMPLETE"} - {killed.pid} == {p.pid for p in procs}
     assert len([t for t in every if t.state == TrialState.COMPLETE]) >= 4
 
 
@@ -250,3 +252,29 @@ def test_report_command_writes_the_page_and_logs_it_to_the_parent_run(tmp_path, 
     client = MlflowClient(study.user_attrs["tracking_uri"])
     logged = {a.path for a in client.list_artifacts(study.user_attrs["mlflow_parent_run_id"], "report")}
     assert {"report/index.html", "report/robustness.csv"} <= logged
+
+
+@pytest.mark.slow
+def test_a_terminated_workers_trial_is_queued_again(tmp_path, mlflow_uri):
+    path = study_file(tmp_path, "term", n_trials=1, overrides=["trainer.max_epochs=300"], enqueue_defaults=False)
+    storage = str(tmp_path / "term.journal")
+    proc = worker(path, storage)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not _running(storage, "term"):
+        time.sleep(0.5)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)  # scancel, pre-emption, docker stop
+    proc.wait(timeout=120)
+    [stopped, queued] = trials("term", storage)
+    assert stopped.state == TrialState.FAIL and "worker stopped" in stopped.user_attrs["fail_reason"]
+    assert queued.state == TrialState.WAITING and queued.user_attrs["retry_of"] == stopped.number
+    finish(worker(path, storage, "trainer.max_epochs=2"))
+    assert trials("term", storage)[queued.number].state == TrialState.COMPLETE
+    assert trials("term", storage)[queued.number].params == stopped.params
+
+
+def _running(storage, name):
+    try:
+        return bool(trials(name, storage, (TrialState.RUNNING,)))
+    except KeyError:
+        return False

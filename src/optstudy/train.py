@@ -143,7 +143,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Result:
     callbacks = [*recorders, timer, *(callbacks or [])]
     if cfg.checkpoint.enabled:
         callbacks.append(pl.callbacks.ModelCheckpoint(out / "checkpoints", save_last=True))
-    trainer = make_trainer(kwargs, logger=logger or False, callbacks=callbacks)
+    trainer = make_trainer(kwargs, logger=logger or False, callbacks=callbacks, default_root_dir=out,
+                           enable_checkpointing=bool(cfg.checkpoint.enabled))
     module.tracking = {"run_id": logger.run_id if logger else None, "tracking_uri": logger.uri if logger else None}
     if logger is not None and not cfg.get("ckpt_path"):
         logger.log_hyperparams(_resolved(cfg))

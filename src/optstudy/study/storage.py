@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import os
+import random
+import time
 import warnings
 from pathlib import Path
 
@@ -37,13 +39,21 @@ def open_storage(url: str | None, heartbeat: int = 30):
     return optuna.storages.JournalStorage(backend), str(path)
 
 
-def _database(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, marked experimental
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-                engine_kwargs={"pool_pre_ping": True})
-    except Exception as exc:  # a wrong URL, a server that is down: say which, without a traceback
-        raise ConfigError(f"--storage {url}: cannot open it ({type(exc).__name__}: {exc})") from None
+def _database(url: str, heartbeat: int, attempts: int = 5) -> optuna.storages.RDBStorage:
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: "experimental"
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+                    engine_kwargs={"pool_pre_ping": True})
+        except Exception as exc:
+            # workers that start together on an empty database race to create Optuna's tables; the losers
+            # fail on a duplicate table and succeed once the winner is done
+            if attempt + 1 < attempts and "already exists" in str(exc).lower() + repr(exc).lower():
+                time.sleep(0.5 + random.random())
+                continue
+            # a wrong URL, a server that is down: say which, without a traceback
+            raise ConfigError(f"--storage {url}: cannot open it ({type(exc).__name__}: {exc})") from None
+    raise AssertionError("unreachable")

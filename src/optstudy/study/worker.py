@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -120,8 +122,10 @@ class Worker:
         try:
             study = optuna.create_study(**kwargs)
         except optuna.exceptions.DuplicatedStudyError:
+            # a joining worker draws its own random numbers: with the creator's seed it would propose the same
+            # configurations (a single worker stays reproducible from the study's seed)
             study = optuna.load_study(study_name=self.spec.name, storage=self.storage,
-                                      sampler=kwargs["sampler"], pruner=kwargs["pruner"])
+                                      sampler=make_sampler(self.spec, offset=os.getpid()), pruner=kwargs["pruner"])
             return self._wait_ready(study)
         self._initialise(study)
         return study
@@ -153,9 +157,14 @@ class Worker:
     # the loop
     def run(self, n_trials: int | None = None) -> int:
         """Runs trials until the study's budget (or this worker's ``n_trials``) is spent; returns how many."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminated)  # scancel, pre-emption, docker stop: queue the trial again
         done = 0
         while n_trials is None or done < n_trials:
             retry_dead_trials(self.study, self.storage)
+            if hasattr(self.storage, "record_heartbeat"):  # a database storage with heartbeats
+                # fail (and so retry) the trials of dead workers now: counted as RUNNING they would hold budget
+                optuna.storages.fail_stale_trials(self.study)
             if not self._budget_left():
                 break
             self.study.optimize(self._objective, n_trials=1, catch=(Exception,), gc_after_trial=False,
@@ -195,6 +204,12 @@ class Worker:
         except Exception as exc:
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:2000])
             raise
+        except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, or SIGTERM (Lightning's SIGTERMException)
+            # not the configuration's fault: queue it again for whichever worker runs next
+            trial.set_user_attr("fail_reason", f"worker stopped ({type(exc).__name__})")
+            self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            # Optuna fails the trial on KeyboardInterrupt but leaves it RUNNING on SystemExit
+            raise KeyboardInterrupt(str(exc)) from exc
         value = statistics.fmean(values)
         if not math.isfinite(value):
             trial.set_user_attr("fail_reason", f"non-finite objective {value}")
@@ -225,6 +240,10 @@ class Worker:
         if not os.environ.get("MLFLOW_TRACKING_URI"):  # all trials go where the study's parent run is
             tags.append(f"logger.tracking_uri='{attrs['tracking_uri']}'")
         return tags
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _print_outcome(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -286,8 +305,10 @@ def _alive(pid) -> bool:
     return True
 
 
-def make_sampler(spec: Study) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: Study, offset: int = 0) -> optuna.samplers.BaseSampler:
     options = {k: v for k, v in spec.sampler.items() if k != "name"}
+    if offset:
+        options["seed"] = (options.get("seed") or 0) + offset
     name = spec.sampler["name"]
     try:
         if name == "tpe":
