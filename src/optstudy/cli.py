@@ -49,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--storage", **storage)
     run.add_argument("--n-trials", type=int, help="at most this many trials from this worker")
     run.add_argument("--heartbeat", type=int, default=30, help="seconds between heartbeats (database storages)")
+    run.add_argument("--threads", type=int, help="torch threads per trial (default: $OMP_NUM_THREADS, else this "
+                                                 "machine's cores shared among the workers training on it)")
     run.set_defaults(func=cmd_run)
 
     status = study.add_parser("status", help="trials by state and the best so far")
@@ -68,7 +70,7 @@ def cmd_run(args) -> int:
     from optstudy.study import spec
     from optstudy.study.worker import Worker
 
-    worker = Worker(spec.load(args.file), args.storage, tuple(args.overrides), args.heartbeat)
+    worker = Worker(spec.load(args.file), args.storage, tuple(args.overrides), args.heartbeat, args.threads)
     done = worker.run(args.n_trials)
     print(f"worker done: {done} trial(s) here; {summary(worker.study)}")
     return 0

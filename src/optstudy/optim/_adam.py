@@ -8,6 +8,7 @@ import torch
 
 from optstudy.optim._base import CoreOptimizer
 from optstudy.optim._pieces import coupled_decay, ema_, ema_sq_, max_
+from optstudy.optim._rules import fail
 
 
 def _adam_kernel(p, g, m, v, *v_max, step_size, bc2_sqrt, beta1, beta2, eps, wd, decay):
@@ -34,22 +35,36 @@ class Adam(_AdamBase):
 
         m ← β1·m + (1-β1)·g;  v ← β2·v + (1-β2)·g²;  amsgrad: v̄ ← max(v̄, v), v ← v̄
         θ ← θ - η·(m/bc1) / (√(v/bc2) + ε)
+        bc1 = 1-β1^t, bc2 = 1-β2^t;  bias_correction=False: bc1 = bc2 = 1
 
     Equal to ``torch.optim.Adam(amsgrad=...)`` (the max is over the raw v, as torch and the AdaBound code; optax
     takes it over v̂). With ``decoupled_weight_decay=True`` equal to ``torch.optim.AdamW``. Defaults lr=1e-3,
-    betas=(0.9, 0.999), eps=1e-8. Effective learning rate ``η/bc1 / (√(v/bc2) + ε)``; direction ``m``.
+    betas=(0.9, 0.999), eps=1e-8, bias_correction=True. Effective learning rate ``η/bc1 / (√(v/bc2) + ε)``;
+    direction ``m``.
+
+    ``bias_correction=False`` drops both corrections, the ablation of the Adam paper's Sec. 6.4 (Fig. 4). m and v
+    start at 0, so early on they are the moments times 1-β1^t and 1-β2^t; with β2 near 1, √(1-β2^t) is far below
+    1-β1^t, and for a constant gradient the step is η·(1-β1^t)/√(1-β2^t): at β2 = 0.9999, 100·η at t = 1 with
+    β1 = 0, and up to 21·η (t ≈ 12) with β1 = 0.9. torch.optim has no such switch; here it is a group value like
+    the others.
     """
 
     name = "adam"
-    DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False)
+    DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+                    bias_correction=True)
     FIXED = dict(amsgrad=False)
     kernel = staticmethod(_adam_kernel)
+
+    def prepare_group(self, group):
+        super().prepare_group(group)
+        if not isinstance(group["bias_correction"], bool):
+            raise fail(f"optimizer {self.name}", "bias_correction", "must be true or false", group["bias_correction"])
 
     def buffers(self, group):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
 
     def scalars(self, group, state):
-        bc1, bc2 = self.corrections(group, state)
+        bc1, bc2 = self.corrections(group, state) if group["bias_correction"] else (1.0, 1.0)
         beta1, beta2 = group["betas"]
         return dict(step_size=group["lr"] / bc1, bc2_sqrt=math.sqrt(bc2), beta1=beta1, beta2=beta2,
                     eps=float(group["eps"]))

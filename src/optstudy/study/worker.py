@@ -104,10 +104,12 @@ class Pruning(pl.Callback):
 # --- the worker -------------------------------------------------------------------------------------------------------
 class Worker:
     def __init__(self, study: Study, storage_url: str | None = None, overrides: tuple[str, ...] = (),
-                 heartbeat: int = 30):
+                 heartbeat: int = 30, threads: int | None = None):
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # a line per trial instead (_print_outcome)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True
         self.spec, self.extra = study, tuple(overrides)
+        env_threads = os.environ.get("OMP_NUM_THREADS", "")
+        self.threads = threads or (int(env_threads) if env_threads.isdigit() else None)
         self.storage, self.storage_url = open_storage(storage_url, heartbeat)
         base = compose([*study.overrides, *self.extra])  # fails now, once, for a bad override in the study or CLI
         self.objective = study.objective or base.objective
@@ -183,6 +185,7 @@ class Worker:
 
     def _objective(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        self._share_cores()
         if self.spec.sampler["name"] == "grid" and "fixed_params" not in self._system_attrs(trial):
             # another worker took the last grid point between our check and our ask: not a configuration
             trial.set_user_attr("surplus", True)
@@ -215,6 +218,22 @@ class Worker:
             trial.set_user_attr("fail_reason", f"non-finite objective {value}")
             raise OptstudyError(f"trial {trial.number}: non-finite objective {value}")
         return value
+
+    def _share_cores(self) -> None:
+        """Torch threads = this machine's cores / the workers training on it now (``threads`` fixes it). Two
+        workers with all cores each oversubscribe them, and OpenMP's barriers then spin: on 2 cores, 2 workers
+        did fewer trials per hour than 1 (580 against 1480) until each took one core."""
+        import torch
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+            return
+        host = socket.gethostname()
+        local = {(t.user_attrs.get("worker") or {}).get("pid") for t in
+                 self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                 if (t.user_attrs.get("worker") or {}).get("host") == host}
+        alive = sum(1 for pid in local if pid and _alive(pid)) or 1
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // alive))
 
     def _system_attrs(self, trial: optuna.Trial) -> dict:
         study_id = self.storage.get_study_id_from_name(self.spec.name)
