@@ -162,9 +162,9 @@ def report(name, storage, url, points, kills, elapsed, work) -> int:
             ("  of trials that did not complete (killed before tell)", len(orphans)),
             ("completed trials without their run (must be 0)", len(missing))]
     for label, value in rows:
-        print(f"{label:50s} {value:6d}")
+        print(f"{label:56s} {value:6d}")
     agree = len(finished) - len(orphans) == len(complete) and not missing
-    print(f"{'MLflow and Optuna agree':50s} {'yes' if agree else 'NO':>6s}")
+    print(f"{"MLflow and Optuna agree":56s} {'yes' if agree else 'NO':>6s}")
     return 0 if lost == 0 and duplicates == 0 and agree else 1
 
 
