@@ -164,7 +164,7 @@ def report(name, storage, url, points, kills, elapsed, work) -> int:
     for label, value in rows:
         print(f"{label:56s} {value:6d}")
     agree = len(finished) - len(orphans) == len(complete) and not missing
-    print(f"{"MLflow and Optuna agree":56s} {'yes' if agree else 'NO':>6s}")
+    print(f"{'MLflow and Optuna agree':56s} {'yes' if agree else 'NO':>6s}")
     return 0 if lost == 0 and duplicates == 0 and agree else 1
 
 
