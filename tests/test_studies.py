@@ -278,3 +278,19 @@ def _running(storage, name):
         return bool(trials(name, storage, (TrialState.RUNNING,)))
     except KeyError:
         return False
+
+
+@pytest.mark.parametrize("sampler, pruner", [("qmc", "hyperband"), ("tpe", "median"), ("random", "none")])
+def test_each_sampler_and_pruner_runs_a_study(tmp_path, mlflow_uri, sampler, pruner):
+    name = f"{sampler}-{pruner}"
+    path = study_file(tmp_path, name, n_trials=2, sampler={"name": sampler, "seed": 1}, pruner={"name": pruner},
+                      enqueue_defaults=False, optimizers={
+                          "adam": {"lr": {"low": 1e-4, "high": 1e-1, "log": True}, "beta2": [0.99, 0.999]},
+                          "momentum": {"lr": {"low": 1e-3, "high": 1.0, "log": True},
+                                       "momentum": {"low": 0.5, "high": 0.99}}})
+    storage = str(tmp_path / f"{name}.journal")
+    assert cli(["study", "run", str(path), "--storage", storage]) == 0
+    done = trials(name, storage)
+    assert len(done) == 2 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in done)
+    study = optuna.load_study(study_name=name, storage=open_storage(storage)[0])
+    assert study.user_attrs["spec"]["sampler"]["name"] == sampler

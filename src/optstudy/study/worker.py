@@ -27,6 +27,7 @@ import optuna
 import pytorch_lightning as pl
 from optuna.trial import TrialState
 
+import optstudy.optim as optim
 from optstudy.errors import ConfigError, OptstudyError
 from optstudy.study.spec import Study
 from optstudy.study.storage import open_storage
@@ -61,9 +62,9 @@ def overrides_for(params: dict) -> list[str]:
         # gamma is the hyperbolic schedule's parameter: conf/bound/hyperbolic.yaml holds it
         out.append(f"bound.gamma={value}" if key == "gamma" else f"{key}={value}" if key.startswith("bound.")
                    else f"optimizer.{key}={value}")
-    if betas:
-        out.append(f"optimizer.betas=[{betas.get('beta1', '${optimizer.betas.0}')},"
-                   f"{betas.get('beta2', '${optimizer.betas.1}')}]")
+    if betas:  # a beta not searched keeps the optimizer's default
+        default = optim.defaults(params["optimizer"])["betas"]
+        out.append(f"optimizer.betas=[{betas.get('beta1', default[0])},{betas.get('beta2', default[1])}]")
     return out
 
 
