@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import logging
 import os
 import sys
@@ -46,6 +47,9 @@ def run_name(cfg: DictConfig) -> str:
     return " ".join(parts + [f"seed={cfg.seed}"])
 
 
+_RUNS = itertools.count()  # several runs of one process in the same second get their own directories
+
+
 def output_dir(cfg: DictConfig) -> Path:
     """Hydra's run directory under ``train.py``; ``outputs/<time>`` when composed by a library caller."""
     if cfg.checkpoint.get("dir"):
@@ -54,7 +58,7 @@ def output_dir(cfg: DictConfig) -> Path:
 
     if HydraConfig.initialized() and OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None):
         return Path(HydraConfig.get().runtime.output_dir)
-    return Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S") / f"{os.getpid()}"
+    return Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S") / f"{os.getpid()}-{next(_RUNS)}"
 
 
 def _quiet_lightning():
