@@ -294,3 +294,13 @@ def test_each_sampler_and_pruner_runs_a_study(tmp_path, mlflow_uri, sampler, pru
     assert len(done) == 2 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in done)
     study = optuna.load_study(study_name=name, storage=open_storage(storage)[0])
     assert study.user_attrs["spec"]["sampler"]["name"] == sampler
+
+
+def test_report_of_a_study_without_tracking(tmp_path, mlflow_uri, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the worker then passes the study's store on: logger=none lacks the key
+    path = study_file(tmp_path, "untracked", n_trials=2, enqueue_defaults=False, overrides=[
+        "trainer.max_epochs=1", "logger=none"])
+    storage = str(tmp_path / "untracked.journal")
+    assert cli(["study", "run", str(path), "--storage", storage]) == 0
+    assert cli(["study", "report", "untracked", "--storage", storage, "--out", str(tmp_path / "out")]) == 0
+    assert "untracked" in (tmp_path / "out" / "index.html").read_text()

@@ -91,7 +91,8 @@ def _best_trial(study: optuna.Study, t: Tables) -> list[str]:
         return [h.note("no completed trial (surplus trials are ignored)")]
     attrs = best.user_attrs
     params = pd.DataFrame({"param": list(best.params), "value": [h.number(v) for v in best.params.values()]})
-    run_ids = attrs.get("mlflow_run_ids") or [attrs.get("mlflow_run_id") or "—"]
+    # trials run with logger=none have no runs: their ids are None
+    run_ids = [r for r in attrs.get("mlflow_run_ids") or [attrs.get("mlflow_run_id")] if r] or ["—"]
     return [h.definitions({"trial": best.number, "optimizer": best.params.get("optimizer", "—"),
                            t.settings.objective: h.number(best.value),
                            "seed values": ", ".join(h.number(float(v)) for v in attrs.get("seed_values", [])) or "—",

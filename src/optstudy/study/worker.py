@@ -258,7 +258,7 @@ class Worker:
         tags = [f"+tags.optuna.study={self.spec.name}", f"+tags.optuna.trial={trial.number}", f"+tags.seed={seed}",
                 f"+tags.mlflow.parentRunId={attrs['mlflow_parent_run_id']}"]
         if not os.environ.get("MLFLOW_TRACKING_URI"):  # all trials go where the study's parent run is
-            tags.append(f"logger.tracking_uri='{attrs['tracking_uri']}'")
+            tags.append(f"++logger.tracking_uri='{attrs['tracking_uri']}'")  # ++: logger=none has no such key
         return tags
 
 
