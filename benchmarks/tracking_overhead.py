@@ -26,15 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def compose(overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
 
 
 def start_server(directory: Path):
@@ -57,6 +48,7 @@ def naive_logger():
 
 def one(mode: str, uris: dict, args, extra) -> tuple[float, float]:
     import optstudy.train as t
+    from optstudy.study.worker import compose  # the library's: train.py's config as Hydra composes it
 
     overrides = [f"trainer.max_epochs={args.epochs}", "trainer.log_every_n_steps=1", "checkpoint.enabled=false",
                  *extra]

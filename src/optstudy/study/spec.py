@@ -239,8 +239,9 @@ def _spaces(raw, where) -> dict[str, Space]:
         space = space or {}
         if not isinstance(space, dict):
             raise ConfigError(f"{key} must map hyperparameters to ranges or lists, got {space!r}")
-        accepted = set(optim.defaults(opt)) | {"beta1", "beta2"} if "betas" in optim.defaults(opt) else set(
-            optim.defaults(opt))
+        accepted = set(optim.defaults(opt))
+        if "betas" in accepted:  # searched one at a time
+            accepted |= {"beta1", "beta2"}
         params = []
         for name, spec in space.items():
             if name == "bound":

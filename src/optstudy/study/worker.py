@@ -211,7 +211,7 @@ class Worker:
         except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, or SIGTERM (Lightning's SIGTERMException)
             # not the configuration's fault: queue it again for whichever worker runs next
             trial.set_user_attr("fail_reason", f"worker stopped ({type(exc).__name__})")
-            self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            requeue(self.study, trial)
             # Optuna fails the trial on KeyboardInterrupt but leaves it RUNNING on SystemExit
             raise KeyboardInterrupt(str(exc)) from exc
         value = statistics.fmean(values)
@@ -310,7 +310,12 @@ def retry_dead_trials(study: optuna.Study, storage) -> None:
         except optuna.exceptions.UpdateFinishedTrialError:
             failed = False  # another worker of this host got there first
         if failed:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            requeue(study, t)
+
+
+def requeue(study: optuna.Study, trial) -> None:
+    """The trial's params again, as a new WAITING trial that names the one it replaces (the budget skips that one)."""
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
 
 def _alive(pid) -> bool:
