@@ -112,7 +112,7 @@ class Adamax(_AdamBase):
         return s["clr"] / state["exp_inf"]
 
 
-def _nadam_kernel(p, g, m, v, *, c_g, c_m, bc2, beta1, beta2, eps, wd, decay, lr):  # lr: for effective_lr
+def _nadam_kernel(p, g, m, v, *, c_g, c_m, bc2, beta1, beta2, eps, wd, decay, **_):  # _: lr, mu_product (bookkeeping)
     g = coupled_decay(p, g, wd, decay)
     ema_(m, g, beta1)
     ema_sq_(v, g, beta2)
@@ -143,15 +143,21 @@ class NAdam(_AdamBase):
         super().init_state(p, state, group)
         state["mu_product"] = 1.0
 
+    def state_key(self, state):
+        return (state["step"], state["mu_product"])
+
     def scalars(self, group, state):
         beta1, beta2 = group["betas"]
         t, psi, lr = state["step"], group["momentum_decay"], group["lr"]
         mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
         mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
-        state["mu_product"] *= mu
-        prod = state["mu_product"]
+        prod = state["mu_product"] * mu
         return dict(c_g=-lr * (1.0 - mu) / (1.0 - prod), c_m=-lr * mu_next / (1.0 - prod * mu_next),
-                    bc2=1 - beta2**t, beta1=beta1, beta2=beta2, eps=float(group["eps"]), lr=float(lr))
+                    bc2=1 - beta2**t, beta1=beta1, beta2=beta2, eps=float(group["eps"]), lr=float(lr),
+                    mu_product=prod)
+
+    def after_kernel(self, state, group, s):
+        state["mu_product"] = s["mu_product"]
 
     def effective_lr(self, p, state, group, s):
         return s["lr"] / state["exp_avg_sq"].div(s["bc2"]).sqrt().add_(s["eps"])

@@ -72,7 +72,7 @@ class Adadelta(CoreOptimizer):
     def scalars(self, group, state):
         return dict(lr=float(group["lr"]), rho=float(group["rho"]), eps=float(group["eps"]))
 
-    def after_kernel(self, state, group):
+    def after_kernel(self, state, group, s):
         # the kernel read u from acc_delta and wrote the new u into acc_delta_prev: swap so that "acc_delta" is the
         # current u again and "acc_delta_prev" holds the one the last step used
         state["acc_delta_prev"], state["acc_delta"] = state["acc_delta"], state["acc_delta_prev"]

@@ -3,16 +3,16 @@
 An optimizer is described by three small pieces (see ``_sgd.py``, ``_adam.py``, ...):
 
 - ``buffers(group)``: the names of its state tensors, created lazily as zeros like the parameter;
-- ``scalars(group, state)``: the Python floats of this step (step sizes, bias corrections, bounds);
+- ``scalars(group, state)``: this step's numbers (step sizes, bias corrections, bounds) and flags, computed once for
+  all the tensors of a group that are at the same step;
 - ``kernel(p, g, *buffers, **scalars)``: the update of one tensor, written as plain tensor math, in place.
 
-``step`` runs the kernel once per tensor. The same kernel runs eagerly (``impl="loop"``, the readable reference) or
-compiled with ``torch.compile`` into one fused pass per tensor (``impl="compiled"``): on a 2-core CPU the eager kernel
-makes ~8 passes over memory where torch's fused Adam makes one, so compiling closes most of that gap for large models,
-at the price of a few seconds of compile time on first use (cached across runs by inductor). ``impl="auto"`` (the
-default) compiles when the optimizer holds at least ``AUTO_COMPILE_NUMEL`` elements and runs the loop below that,
-where compile time would outweigh the savings; ``OPTSTUDY_OPTIM_IMPL`` overrides it process-wide. Compiled kernels
-see 1-D views and unspecialised floats, so one compilation serves every shape and every step.
+The same kernel runs eagerly per tensor (``impl="loop"``, the readable reference) or compiled with ``torch.compile``
+into one fused pass over several tensors per call (``impl="compiled"``, see ``_compiled.py``): on a 2-core CPU the
+eager kernel makes ~8 passes over memory where torch's fused Adam makes one. Compiling costs ~17 s the first time on
+a machine (~4 s in later processes, from inductor's cache), so ``impl="auto"`` (the default) compiles when the
+optimizer holds at least ``AUTO_COMPILE_NUMEL`` elements, where a step saves tens of milliseconds, and runs the loop
+below that; ``OPTSTUDY_OPTIM_IMPL`` overrides it process-wide.
 
 The effective learning rate of the last step is recomputed on demand from the state (no cost per step).
 """
@@ -26,25 +26,13 @@ from typing import Any, Callable, Iterator
 import torch
 
 from optstudy.errors import ConfigError
+from optstudy.optim import _compiled
 from optstudy.optim._rules import check_group
 
 log = logging.getLogger(__name__)
 
 IMPLS = ("auto", "loop", "compiled")
 AUTO_COMPILE_NUMEL = 1 << 20
-BUCKET_NUMEL = 1 << 16  # compiled: tensors smaller than this share one call per step (see _run_bucket)
-
-_compiled: dict[Callable, Callable] = {}
-
-
-def _compile(kernel: Callable) -> Callable:
-    if kernel not in _compiled:
-        # one kernel serves several variants (sgd/momentum/nesterov, with and without AMSGrad's buffer), each with a
-        # static, a dynamic and a size-1 graph: dynamo's default limit of 8 graphs per function would silently send
-        # the later variants back to eager
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _compiled[kernel] = torch.compile(kernel, dynamic=True)
-    return _compiled[kernel]
 
 
 class CoreOptimizer(torch.optim.Optimizer):
@@ -65,6 +53,8 @@ class CoreOptimizer(torch.optim.Optimizer):
         if impl not in IMPLS:
             raise ConfigError(f"optimizer {self.name}: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
         self._last: list[tuple[dict, list[tuple[torch.Tensor, dict]]]] = []
+        self._aliases: dict[int, tuple] = {}  # compiled path: flat aliases of params and state (see _compiled)
+        self._seen_aliases: dict[int, tuple] = {}
         super().__init__(params, {**self.DEFAULTS, **hparams, **self.FIXED})
         self.impl = self._resolve_impl(impl)
 
@@ -101,12 +91,18 @@ class CoreOptimizer(torch.optim.Optimizer):
         for name in self.buffers(group):
             state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def scalars(self, group: dict, state: dict) -> dict[str, float]:
+    def scalars(self, group: dict, state: dict) -> dict[str, Any]:
+        """This step's numbers (floats, passed to the compiled kernel as one tensor) and flags (bools, constants of
+        the compiled code). Must depend on ``state`` only through ``state_key``."""
         raise NotImplementedError
+
+    def state_key(self, state: dict) -> tuple:
+        """What ``scalars`` reads from a tensor's state: tensors with equal keys share one ``scalars`` call."""
+        return (state["step"],)
 
     kernel: Callable = staticmethod(lambda *a, **k: None)
 
-    def after_kernel(self, state: dict, group: dict) -> None:
+    def after_kernel(self, state: dict, group: dict, s: dict) -> None:
         """Hook for state bookkeeping after the tensors are updated (e.g. swapping double buffers)."""
 
     def effective_lr(self, p: torch.Tensor, state: dict, group: dict, s: dict) -> torch.Tensor:
@@ -114,34 +110,15 @@ class CoreOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     # -- the step -----------------------------------------------------------------------------------------------
-    def _weight_decay(self, group: dict) -> dict[str, float]:
-        # coupled: g += λθ inside the kernel; decoupled (AdamW): θ *= 1 - ηλ before the update
+    def _weight_decay(self, group: dict) -> dict[str, float | None]:
+        # coupled: g += λθ inside the kernel; decoupled (AdamW): θ *= 1 - ηλ before the update; None: off (a constant
+        # of the compiled kernel, so that the common case costs no pass)
         wd = float(group["weight_decay"])
+        if wd == 0:
+            return {"wd": None, "decay": None}
         if group["decoupled_weight_decay"]:
-            return {"wd": 0.0, "decay": 1.0 - float(group["lr"]) * wd}
-        return {"wd": wd, "decay": 1.0}
-
-    def _run_kernel(self, tensors: list[torch.Tensor], s: dict) -> None:
-        if self.impl == "compiled" and all(t.is_contiguous() for t in tensors):
-            try:
-                _compile(type(self).kernel)(*[t.detach().view(-1) for t in tensors], **s)
-                return
-            except Exception as exc:  # no C++ compiler, unsupported backend, ...: stay correct, warn once
-                log.warning("optimizer %s: torch.compile failed (%s); using the eager loop", self.name, exc)
-                self.impl = "loop"
-        type(self).kernel(*tensors, **s)
-
-    def _run_bucket(self, members: list[list[torch.Tensor]], s: dict) -> None:
-        """One compiled call over small tensors concatenated: a compiled call costs ~40 µs however small the tensor,
-        so ResNet-18's ~40 bias and norm vectors would cost more than its conv weights. Copies are cheap at this size.
-        """
-        columns = list(zip(*members))  # p, g, buffers...: each a list over the members
-        flats = [torch.cat([t.view(-1) for t in column]) for column in columns]
-        self._run_kernel(flats, s)
-        sizes = [t.numel() for t in columns[0]]
-        for i, (column, flat) in enumerate(zip(columns, flats)):
-            if i != 1:  # everything but the gradient was updated
-                torch._foreach_copy_([t.view(-1) for t in column], list(flat.split(sizes)))
+            return {"wd": None, "decay": 1.0 - float(group["lr"]) * wd}
+        return {"wd": wd, "decay": None}
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
@@ -151,14 +128,16 @@ class CoreOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._last = []
+        self._seen_aliases, self._aliases = self._aliases, {}
         for group in self.param_groups:
             self._last.append((group, self._step_group(group)))
+        self._seen_aliases = {}
         return loss
 
     def _step_group(self, group: dict) -> list[tuple[torch.Tensor, dict]]:
         decay = self._weight_decay(group)
         names = self.buffers(group)
-        stepped, buckets = [], {}
+        stepped, parts = [], {}
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -168,18 +147,35 @@ class CoreOptimizer(torch.optim.Optimizer):
             if not state:
                 self.init_state(p, state, group)
             state["step"] += 1
-            s = {**self.scalars(group, state), **decay}
-            tensors = [p, p.grad, *(state[b] for b in names)]
-            if self.impl == "compiled" and p.numel() < BUCKET_NUMEL and all(t.is_contiguous() for t in tensors):
-                buckets.setdefault((p.dtype, p.device, *s.values()), (s, []))[1].append(tensors)
-            else:
-                self._run_kernel(tensors, s)
+            key = self.state_key(state)
+            if key not in parts:
+                parts[key] = ({**self.scalars(group, state), **decay}, [])
+            s, rows = parts[key]
+            rows.append([p, p.grad, *(state[b] for b in names)])
             stepped.append((p, s))
-        for s, members in buckets.values():
-            self._run_bucket(members, s)
-        for p, _ in stepped:
-            self.after_kernel(self.state[p], group)
+        for s, rows in parts.values():
+            self._run(rows, s)
+        if type(self).after_kernel is not CoreOptimizer.after_kernel:
+            for p, s in stepped:
+                self.after_kernel(self.state[p], group, s)
         return stepped
+
+    def _run(self, rows: list[list[torch.Tensor]], s: dict) -> None:
+        """Applies the kernel to each row ``[p, g, *buffers]``: compiled in chunks where it can, else eagerly."""
+        eager = rows
+        if self.impl == "compiled":
+            eager, chunks = [], {}
+            for row in rows:
+                flat = _compiled.flat_row(row, self._seen_aliases, self._aliases)
+                if flat is None:
+                    eager.append(row)
+                else:
+                    chunks.setdefault((row[0].dtype, row[0].device), []).append(flat)
+            for flats in chunks.values():
+                if not _compiled.run_chunks(type(self).kernel, flats, s, owner=f"optimizer {self.name}"):
+                    self.impl = "loop"  # warned once; later steps stay eager
+        for row in eager:
+            type(self).kernel(*row, **s)
 
     # -- effective learning rates -------------------------------------------------------------------------------
     def last_step(self) -> Iterator[tuple[int, dict, torch.Tensor, dict]]:
@@ -205,6 +201,6 @@ class CoreOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        self._last = []
+        self._last, self._aliases = [], {}
         for group in self.param_groups:
             self.prepare_group(group)

@@ -1,8 +1,8 @@
 """Pieces the kernels share: each is a few tensor ops, in place where the name ends in ``_``.
 
-They are plain functions so that ``torch.compile`` inlines them into one fused loop per tensor. Step-dependent
-floats enter only through tensor arithmetic (``x * f``), never as ``alpha=``/``value=``/``lerp`` weights: dynamo
-specialises a compiled kernel on the value of a float passed to those, which would recompile it at every step.
+They are plain functions so that ``torch.compile`` inlines them into one fused loop per tensor. Eagerly, the step's
+numbers are Python floats; compiled, they are 0-d tensors (see ``_compiled.py``), so they enter only through tensor
+arithmetic (``x * f``), never as ``alpha=``/``value=`` weights, which take numbers only.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import torch
 
 
 def coupled_decay(p, g, wd, decay):
-    """Weight decay before an update: coupled L2 returns ``g + λθ``; decoupled (AdamW) scales ``θ`` by ``1 - ηλ``."""
-    if wd != 0:
+    """Weight decay before an update: coupled L2 (``wd=λ``) returns ``g + λθ``; decoupled (AdamW, ``decay=1-ηλ``)
+    scales ``θ``. ``None`` switches either off."""
+    if wd is not None:
         g = g + p * wd
-    if decay != 1:
+    if decay is not None:
         p.mul_(decay)
     return g
 
@@ -30,12 +31,7 @@ def ema_sq_(v, g, beta):
 
 
 def clip_(x, lo, hi):
-    """``x.clamp_(lo, hi)``. Compiled, it is written as ``where`` over tensors: a compiled ``clamp`` specialises on
-    float bounds (which move every step, so it would recompile each step), and inductor 2.13 keeps the first call's
-    values of float scalars given directly to ``where`` (wrong results); ``zeros + lo`` avoids both."""
-    if torch.compiler.is_compiling():
-        zero = torch.zeros_like(x)
-        return torch.where(x < lo, zero + lo, torch.where(x > hi, zero + hi, x))
+    """``x`` clamped into ``[lo, hi]`` in place (bounds are floats eagerly, 0-d tensors compiled)."""
     return x.clamp_(lo, hi)
 
 

@@ -9,12 +9,12 @@ from optstudy.optim._pieces import coupled_decay
 from optstudy.optim._rules import fail
 
 
-def _sgd_kernel(p, g, *buf, lr, wd, decay, mu_buf, keep, mu_look):
+def _sgd_kernel(p, g, *buf, lr, wd, decay, mu_buf, keep, mu, nesterov):
     g = coupled_decay(p, g, wd, decay)
     if buf:  # momentum trace: b = mu_buf·b + keep·g (mu_buf=0, keep=1 on the first step: b_1 = g)
         (b,) = buf
         b.mul_(mu_buf).add_(g * keep)
-        g = g + b * mu_look if mu_look != 0 else b
+        g = g + b * mu if nesterov else b
     p.sub_(g * lr)
 
 
@@ -52,7 +52,8 @@ class _SGDBase(CoreOptimizer):
             lr=float(group["lr"]),
             mu_buf=0.0 if first else mu,
             keep=1.0 if first else 1.0 - float(group["dampening"]),
-            mu_look=mu if group["nesterov"] else 0.0,
+            mu=mu,
+            nesterov=bool(group["nesterov"]),
         )
 
     def effective_lr(self, p, state, group, s):
