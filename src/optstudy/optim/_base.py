@@ -9,8 +9,8 @@ An optimizer is described by three small pieces (see ``_sgd.py``, ``_adam.py``, 
 
 The same kernel runs eagerly per tensor (``impl="loop"``, the readable reference) or compiled with ``torch.compile``
 into one fused pass over several tensors per call (``impl="compiled"``, see ``_compiled.py``): on a 2-core CPU the
-eager kernel makes ~8 passes over memory where torch's fused Adam makes one. Compiling costs ~17 s the first time on
-a machine (~4 s in later processes, from inductor's cache), so ``impl="auto"`` (the default) compiles when the
+eager kernel makes ~8 passes over memory where torch's fused Adam makes one. Compiling costs 5–13 s the first time on
+a machine (0.2–3 s in later processes, from inductor's cache), so ``impl="auto"`` (the default) compiles when the
 optimizer holds at least ``AUTO_COMPILE_NUMEL`` elements, where a step saves tens of milliseconds, and runs the loop
 below that; ``OPTSTUDY_OPTIM_IMPL`` overrides it process-wide.
 
