@@ -104,6 +104,13 @@ def _scalar_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def _scalars_on(device: torch.device, values: tuple[float, ...]) -> torch.Tensor:
+    if device.type == "cuda":  # a plain copy to the GPU would wait for the backward pass queued before it
+        pinned = torch.tensor(values, dtype=_scalar_dtype(device), pin_memory=True)
+        return pinned.to(device, non_blocking=True)
+    return torch.tensor(values, dtype=_scalar_dtype(device), device=device)
+
+
 def _padding(like: torch.Tensor, width: int, count: int) -> list[torch.Tensor]:
     """``count`` scratch rows of 2-element tensors; each tensor distinct, as dynamo guards on inputs that alias."""
     key = (like.dtype, like.device, width)
@@ -122,7 +129,7 @@ def run_chunks(kernel: Callable, rows: list[list[torch.Tensor]], s: dict, owner:
     names, values, static = split_scalars(s)
     width = len(rows[0])
     p = rows[0][0]
-    sc = torch.tensor(values, dtype=_scalar_dtype(p.device), device=p.device)
+    sc = _scalars_on(p.device, values)
     duck, fx_config.use_duck_shape = fx_config.use_duck_shape, False  # not .patch(): that costs ~15 µs a call
     try:
         for i in range(0, len(rows), CHUNK):
