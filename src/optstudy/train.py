@@ -126,7 +126,8 @@ def _resumed_run(cfg: DictConfig) -> str | None:
     path = Path(cfg.ckpt_path)
     if not path.is_file():
         raise ConfigError(f"ckpt_path: no checkpoint file at {path.resolve()}")
-    meta = torch.load(path, map_location="cpu", weights_only=False).get("optstudy", {})
+    # mmap: only the small metadata is read here; Lightning loads the weights when it resumes
+    meta = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("optstudy", {})
     return meta.get("run_id") if meta.get("tracking_uri") == tracking_uri(cfg.logger.get("tracking_uri")) else None
 
 

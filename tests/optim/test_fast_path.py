@@ -9,6 +9,7 @@ from torch._dynamo.utils import counters
 import optstudy.optim as o
 from optstudy.optim import _base, _compiled
 from tests.optim.cases import CASES, assert_same, case_params, make_params, trajectory
+from tests.optim.test_reference import skipping_trajectory
 
 
 @pytest.mark.slow
@@ -106,3 +107,13 @@ def test_compiled_handles_every_layout(name, monkeypatch):
         rtol = 1e-10 if x.dtype == torch.float64 else 1e-5
         torch.testing.assert_close(x, y, rtol=rtol, atol=1e-7)
         assert x.stride() == y.stride()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["momentum", "nadam", "amsbound"])
+def test_compiled_equals_loop_when_parameters_skip_steps(name):
+    """Tensors at different steps get their own scalars, hence their own compiled calls."""
+    hp = CASES[name].hparams[0]
+    fast, slow = make_params(), make_params()
+    assert_same(skipping_trajectory(o.build(name, fast, impl="compiled", **hp), fast),
+                skipping_trajectory(o.build(name, slow, impl="loop", **hp), slow))

@@ -159,3 +159,26 @@ def test_parameters_without_gradients_are_left_alone(name):
     opt.step()
     assert torch.equal(params[1], before)
     assert len(opt.effective_lrs()) == len(params) - 1
+
+
+def skipping_trajectory(opt, params, steps=STEPS):
+    """Param 1 gets no gradient on steps 0-2, param 2 none on step 5: each keeps its own step count (bias
+    corrections, NAdam's momentum product, momentum's first step) as in the references."""
+    out = []
+    for k in range(steps):
+        set_grads(params, k)
+        if k < 3:
+            params[1].grad = None
+        if k == 5:
+            params[2].grad = None
+        opt.step()
+        out.append([p.detach().clone() for p in params])
+    return out
+
+
+@pytest.mark.parametrize("name", o.NAMES)
+def test_parameters_that_skip_steps_equal_the_reference(name):
+    hp = CASES[name].hparams[0]
+    ours, ref = make_params(), make_params()
+    assert_same(skipping_trajectory(o.build(name, ours, impl="loop", **hp), ours),
+                skipping_trajectory(CASES[name].reference(ref, **hp), ref))
