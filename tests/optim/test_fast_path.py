@@ -117,3 +117,21 @@ def test_compiled_equals_loop_when_parameters_skip_steps(name):
     fast, slow = make_params(), make_params()
     assert_same(skipping_trajectory(o.build(name, fast, impl="compiled", **hp), fast),
                 skipping_trajectory(o.build(name, slow, impl="loop", **hp), slow))
+
+
+@pytest.mark.slow
+def test_compiled_step_does_not_keep_old_gradients_alive():
+    """The aliases cached between steps hold the parameter and its state, never a gradient."""
+    import gc
+    import weakref
+
+    p = torch.randn(1000, dtype=torch.float64, requires_grad=True)
+    opt = o.build("adam", [p], impl="compiled")
+    p.grad = torch.randn(1000, dtype=torch.float64)
+    first = weakref.ref(p.grad)
+    opt.step()
+    p.grad = torch.randn(1000, dtype=torch.float64)
+    opt.step()
+    gc.collect()
+    assert opt.impl == "compiled"
+    assert first() is None

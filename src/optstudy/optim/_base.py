@@ -53,8 +53,7 @@ class CoreOptimizer(torch.optim.Optimizer):
         if impl not in IMPLS:
             raise ConfigError(f"optimizer {self.name}: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
         self._last: list[tuple[dict, list[tuple[torch.Tensor, dict]]]] = []
-        self._aliases: dict[int, tuple] = {}  # compiled path: flat aliases of params and state (see _compiled)
-        self._seen_aliases: dict[int, tuple] = {}
+        self._aliases: dict[tuple, tuple] = {}  # compiled path: last step's flat aliases of params and state
         super().__init__(params, {**self.DEFAULTS, **hparams, **self.FIXED})
         self.impl = self._resolve_impl(impl)
 
@@ -128,13 +127,12 @@ class CoreOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._last = []
-        self._seen_aliases, self._aliases = self._aliases, {}
+        seen, self._aliases = self._aliases, {}
         for group in self.param_groups:
-            self._last.append((group, self._step_group(group)))
-        self._seen_aliases = {}
+            self._last.append((group, self._step_group(group, seen)))
         return loss
 
-    def _step_group(self, group: dict) -> list[tuple[torch.Tensor, dict]]:
+    def _step_group(self, group: dict, seen: dict) -> list[tuple[torch.Tensor, dict]]:
         decay = self._weight_decay(group)
         names = self.buffers(group)
         stepped, parts = [], {}
@@ -154,26 +152,28 @@ class CoreOptimizer(torch.optim.Optimizer):
             rows.append([p, p.grad, *(state[b] for b in names)])
             stepped.append((p, s))
         for s, rows in parts.values():
-            self._run(rows, s)
+            self._run(rows, s, seen)
         if type(self).after_kernel is not CoreOptimizer.after_kernel:
             for p, s in stepped:
                 self.after_kernel(self.state[p], group, s)
         return stepped
 
-    def _run(self, rows: list[list[torch.Tensor]], s: dict) -> None:
+    def _run(self, rows: list[list[torch.Tensor]], s: dict, seen: dict) -> None:
         """Applies the kernel to each row ``[p, g, *buffers]``: compiled in chunks where it can, else eagerly."""
         eager = rows
         if self.impl == "compiled":
             eager, chunks = [], {}
             for row in rows:
-                flat = _compiled.flat_row(row, self._seen_aliases, self._aliases)
+                flat = _compiled.flat_row(row, seen, self._aliases)
                 if flat is None:
                     eager.append(row)
                 else:
                     chunks.setdefault((row[0].dtype, row[0].device), []).append(flat)
             for flats in chunks.values():
-                if not _compiled.run_chunks(type(self).kernel, flats, s, owner=f"optimizer {self.name}"):
-                    self.impl = "loop"  # warned once; later steps stay eager
+                if self.impl != "compiled":  # compiling failed for another dtype or device this step
+                    eager += flats
+                elif not _compiled.run_chunks(type(self).kernel, flats, s, owner=f"optimizer {self.name}"):
+                    self.impl = "loop"  # warned once; this and later steps stay eager
         for row in eager:
             type(self).kernel(*row, **s)
 

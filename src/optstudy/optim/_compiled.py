@@ -72,14 +72,15 @@ def flat_row(row: list[torch.Tensor], seen: dict, kept: dict) -> list[torch.Tens
 
 
 def _row_entry(row: list[torch.Tensor]) -> tuple:
-    """(data pointer, numel, stride, aliases of p and buffers or None, the row's tensors, kept alive for ``id``)."""
-    p = row[0]
+    """(data pointer, numel, stride, aliases of p and buffers or None, p and buffers: kept alive so that their ``id``
+    stays theirs). Not the gradient: the entry outlives the step."""
+    p, held = row[0], (row[0], *row[2:])
     n, stride = p.numel(), p.stride()
     dense = p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)
     if n < 2 or not dense or any(t.stride() != stride for t in row[2:]):
-        return p.data_ptr(), n, stride, None, row
-    flats = [t.as_strided((n,), (1,)).detach() for t in (p, *row[2:])]
-    return p.data_ptr(), n, stride, flats, row
+        return p.data_ptr(), n, stride, None, held
+    flats = [t.as_strided((n,), (1,)).detach() for t in held]
+    return p.data_ptr(), n, stride, flats, held
 
 
 def _runner(kernel: Callable, width: int, names: tuple[str, ...], static: tuple) -> Callable:
