@@ -77,10 +77,10 @@ def test_gamma_configures_the_default_schedule():
     assert lo == pytest.approx(0.1 * (1 - 1 / 3)) and hi == pytest.approx(0.1 * 1.5)
 
 
-def test_bounds_follow_lr_over_initial_lr():
+def test_bounds_follow_lr_over_eta0():
     opt = o.build("adabound", make_params(), lr=0.01, final_lr=0.1)
     group = opt.param_groups[0]
-    assert group["initial_lr"] == 0.01
+    assert group["eta0"] == 0.01 and "initial_lr" not in group  # torch's schedulers own initial_lr
     group["lr"] = 0.001
     lo, hi = opt.bounds(group, 10**9)
     assert lo == pytest.approx(0.01, rel=1e-5) and hi == pytest.approx(0.01, rel=1e-5)
@@ -90,5 +90,5 @@ def test_schedule_is_saved_with_the_state_dict():
     a = o.build("amsbound", make_params(), bound={"name": "linear", "horizon": 77})
     b = o.build("amsbound", make_params())
     b.load_state_dict(a.state_dict())
-    assert b.param_groups[0]["bound"] == Linear(77).params() and b.param_groups[0]["initial_lr"] == 1e-3
+    assert b.param_groups[0]["bound"] == Linear(77).params() and b.param_groups[0]["eta0"] == 1e-3
     assert not math.isinf(Linear(77).upper(78))

@@ -90,6 +90,10 @@ def test_groups_are_validated_too_including_ones_added_later():
         opt.add_param_group({"params": params[2:], "momentum": 0.9})
 
 
-def test_flags_fixed_by_the_name_are_not_keywords():
-    _raises(r"unknown keyword 'amsgrad'", "adam", amsgrad=True)
-    _raises(r"unknown keyword 'nesterov'", "momentum", nesterov=True)
+def test_flags_fixed_by_the_name_take_their_fixed_value_only():
+    """``type(opt)(params, **opt.defaults)`` passes them back (see test_torch_compat); another value names the
+    optimizer that has it."""
+    _raises(r"amsgrad is fixed to False by the name 'adam'; use 'amsgrad', got True", "adam", amsgrad=True)
+    _raises(r"nesterov is fixed to False by the name 'momentum'; use 'nesterov', got True", "momentum", nesterov=True)
+    _raises(r"momentum is fixed to 0.0 by the name 'sgd'; use 'momentum' or 'nesterov', got 0.9", "sgd", momentum=0.9)
+    assert o.build("adam", make_params(), amsgrad=False).param_groups[0]["amsgrad"] is False

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from optstudy.optim._base import CoreOptimizer
-from optstudy.optim._pieces import coupled_decay, ema_, ema_sq_, max_
+from optstudy.optim._pieces import coupled_decay, ema_, ema_sq_, max_, sqrt
 from optstudy.optim._rules import fail
 
 
@@ -22,6 +20,8 @@ def _adam_kernel(p, g, m, v, *v_max, step_size, bc2_sqrt, beta1, beta2, eps, wd,
 
 class _AdamBase(CoreOptimizer):
     """Bias corrections shared by the Adam family: ``bc1 = 1-β1^t``, ``bc2 = 1-β2^t``."""
+
+    TORCH_FLAGS = dict(foreach=None, differentiable=False, capturable=False)
 
     @staticmethod
     def corrections(group, state) -> tuple[float, float]:
@@ -51,8 +51,9 @@ class Adam(_AdamBase):
 
     name = "adam"
     DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
-                    bias_correction=True)
+                    bias_correction=True, maximize=False)
     FIXED = dict(amsgrad=False)
+    TORCH_FLAGS = dict(foreach=None, differentiable=False, capturable=False, fused=None)
     kernel = staticmethod(_adam_kernel)
 
     def prepare_group(self, group):
@@ -66,7 +67,7 @@ class Adam(_AdamBase):
     def scalars(self, group, state):
         bc1, bc2 = self.corrections(group, state) if group["bias_correction"] else (1.0, 1.0)
         beta1, beta2 = group["betas"]
-        return dict(step_size=group["lr"] / bc1, bc2_sqrt=math.sqrt(bc2), beta1=beta1, beta2=beta2,
+        return dict(step_size=group["lr"] / bc1, bc2_sqrt=sqrt(bc2), beta1=beta1, beta2=beta2,
                     eps=float(group["eps"]))
 
     def effective_lr(self, p, state, group, s):
@@ -97,7 +98,8 @@ class Adamax(_AdamBase):
     """
 
     name = "adamax"
-    DEFAULTS = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False)
+    DEFAULTS = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+                    maximize=False)
     kernel = staticmethod(_adamax_kernel)
 
     def buffers(self, group):
@@ -112,7 +114,7 @@ class Adamax(_AdamBase):
         return s["clr"] / state["exp_inf"]
 
 
-def _nadam_kernel(p, g, m, v, *, c_g, c_m, bc2, beta1, beta2, eps, wd, decay, **_):  # _: lr, mu_product (bookkeeping)
+def _nadam_kernel(p, g, m, v, *, c_g, c_m, bc2, beta1, beta2, eps, wd, decay, **_):  # _: lr, mu, mu_product
     g = coupled_decay(p, g, wd, decay)
     ema_(m, g, beta1)
     ema_sq_(v, g, beta2)
@@ -133,8 +135,9 @@ class NAdam(_AdamBase):
 
     name = "nadam"
     DEFAULTS = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
-                    decoupled_weight_decay=False)
+                    decoupled_weight_decay=False, maximize=False)
     kernel = staticmethod(_nadam_kernel)
+    TENSOR_COUNTS = ("step", "mu_product")
 
     def buffers(self, group):
         return ("exp_avg", "exp_avg_sq")
@@ -153,11 +156,16 @@ class NAdam(_AdamBase):
         mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
         prod = state["mu_product"] * mu
         return dict(c_g=-lr * (1.0 - mu) / (1.0 - prod), c_m=-lr * mu_next / (1.0 - prod * mu_next),
-                    bc2=1 - beta2**t, beta1=beta1, beta2=beta2, eps=float(group["eps"]), lr=float(lr),
-                    mu_product=prod)
+                    bc2=1 - beta2**t, beta1=beta1, beta2=beta2, eps=float(group["eps"]), lr=lr,
+                    mu_product=prod, mu=mu)
 
     def after_kernel(self, state, group, s):
-        state["mu_product"] = s["mu_product"]
+        if isinstance(state["mu_product"], torch.Tensor):
+            # under torch.compile: the same tensor (a new one would be recompiled for), by ``*=``, the same product
+            # as s["mu_product"]; torch 2.13 loses mul_/copy_ into a 0-d float64 input there, but not ``*=``
+            state["mu_product"] *= s["mu"]
+        else:
+            state["mu_product"] = s["mu_product"]
 
     def effective_lr(self, p, state, group, s):
         return s["lr"] / state["exp_avg_sq"].div(s["bc2"]).sqrt().add_(s["eps"])

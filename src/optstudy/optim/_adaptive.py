@@ -8,6 +8,11 @@ from optstudy.optim._base import CoreOptimizer
 from optstudy.optim._pieces import coupled_decay, ema_, ema_sq_
 
 
+def _sparse_like(g: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A sparse tensor with ``g``'s (coalesced) indices and ``values``."""
+    return torch.sparse_coo_tensor(g._indices(), values, g.shape)
+
+
 def _adagrad_kernel(p, g, s, *, clr, eps, wd, decay):
     g = coupled_decay(p, g, wd, decay)
     s.add_(g * g)
@@ -19,14 +24,17 @@ class Adagrad(CoreOptimizer):
 
         s_0 = initial_accumulator_value;  s ← s + g²;  η_t = η / (1 + (t-1)·lr_decay);  θ ← θ - η_t·g / (√s + ε)
 
-    Equal to ``torch.optim.Adagrad``; defaults lr=1e-2, lr_decay=0, initial_accumulator_value=0, eps=1e-10.
+    Equal to ``torch.optim.Adagrad``; defaults lr=1e-2, lr_decay=0, initial_accumulator_value=0, eps=1e-10. Sparse
+    gradients update only the rows they touch, as torch does (without coupled weight decay).
     Effective learning rate ``η_t / (√s + ε)``; direction ``g``.
     """
 
     name = "adagrad"
     DEFAULTS = dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10,
-                    decoupled_weight_decay=False)
+                    decoupled_weight_decay=False, maximize=False)
     kernel = staticmethod(_adagrad_kernel)
+    TORCH_FLAGS = dict(foreach=None, differentiable=False, fused=None)
+    SPARSE = True
 
     def buffers(self, group):
         return ("sum",)
@@ -37,7 +45,16 @@ class Adagrad(CoreOptimizer):
 
     def scalars(self, group, state):
         clr = group["lr"] / (1 + (state["step"] - 1) * group["lr_decay"])
-        return dict(clr=float(clr), eps=float(group["eps"]))
+        return dict(clr=clr, eps=float(group["eps"]))
+
+    def sparse_step(self, p, g, state, group, s):
+        if s["decay"] is not None:
+            p.mul_(s["decay"])
+        g = g.coalesce()
+        values = g._values()
+        state["sum"].add_(_sparse_like(g, values * values))
+        std = state["sum"].sparse_mask(g)._values().sqrt_().add_(s["eps"])
+        p.add_(_sparse_like(g, values / std), alpha=-s["clr"])
 
     def effective_lr(self, p, state, group, s):
         return s["clr"] / state["sum"].sqrt().add_(s["eps"])
@@ -63,19 +80,27 @@ class Adadelta(CoreOptimizer):
     """
 
     name = "adadelta"
-    DEFAULTS = dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, decoupled_weight_decay=False)
+    DEFAULTS = dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, decoupled_weight_decay=False, maximize=False)
     kernel = staticmethod(_adadelta_kernel)
+    TORCH_FLAGS = dict(foreach=None, differentiable=False, capturable=False)
 
     def buffers(self, group):
         return ("square_avg", "acc_delta", "acc_delta_prev")
 
     def scalars(self, group, state):
-        return dict(lr=float(group["lr"]), rho=float(group["rho"]), eps=float(group["eps"]))
+        return dict(lr=group["lr"], rho=float(group["rho"]), eps=float(group["eps"]))
 
     def after_kernel(self, state, group, s):
         # the kernel read u from acc_delta and wrote the new u into acc_delta_prev: swap so that "acc_delta" is the
         # current u again and "acc_delta_prev" holds the one the last step used
-        state["acc_delta_prev"], state["acc_delta"] = state["acc_delta"], state["acc_delta_prev"]
+        u, u_next = state["acc_delta"], state["acc_delta_prev"]
+        if torch.compiler.is_compiling():  # a swap would give the graph other input tensors each step: copy
+            u, u_next = (t.view(1) if t.dim() == 0 else t for t in (u, u_next))  # 0-d: see CoreOptimizer._row
+            u_prev = u.clone()
+            u.copy_(u_next)
+            u_next.copy_(u_prev)
+        else:
+            state["acc_delta_prev"], state["acc_delta"] = u, u_next
 
     def effective_lr(self, p, state, group, s):
         a, u_prev = state["square_avg"], state["acc_delta_prev"]
@@ -113,15 +138,16 @@ class RMSprop(CoreOptimizer):
 
     name = "rmsprop"
     DEFAULTS = dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
-                    decoupled_weight_decay=False)
+                    decoupled_weight_decay=False, maximize=False)
     kernel = staticmethod(_rmsprop_kernel)
+    TORCH_FLAGS = dict(foreach=None, differentiable=False, capturable=False)
 
     def buffers(self, group):
         return ("square_avg",) + (("grad_avg",) if group["centered"] else ()) + (
             ("momentum_buffer",) if group["momentum"] > 0 else ())
 
     def scalars(self, group, state):
-        return dict(lr=float(group["lr"]), alpha=float(group["alpha"]), eps=float(group["eps"]),
+        return dict(lr=group["lr"], alpha=float(group["alpha"]), eps=float(group["eps"]),
                     momentum=float(group["momentum"]), centered=bool(group["centered"]))
 
     def effective_lr(self, p, state, group, s):

@@ -15,6 +15,12 @@ optimizer holds at least ``AUTO_COMPILE_NUMEL`` elements, where a step saves ten
 below that; ``OPTSTUDY_OPTIM_IMPL`` overrides it process-wide.
 
 The effective learning rate of the last step is recomputed on demand from the state (no cost per step).
+
+Everything else behaves as in torch.optim, so code written for it runs unchanged: copies (``copy.deepcopy``, pickle,
+``torch.save``) step like the original; ``state_dict``s of torch.optim load both ways, and so do ours from before a
+key existed (missing keys take their defaults); complex parameters step as their ``torch.view_as_real``;
+``maximize``; ``lr`` as a tensor; sparse gradients where torch takes them (SGD, Adagrad); and a function calling
+``step()`` under ``torch.compile`` compiles once (the step count then lives in a tensor, as torch keeps it).
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ import torch
 
 from optstudy.errors import ConfigError
 from optstudy.optim import _compiled
-from optstudy.optim._rules import check_group
+from optstudy.optim._rules import check_group, fail
 
 log = logging.getLogger(__name__)
 
 IMPLS = ("auto", "loop", "compiled")
+# keys a param group may hold besides hyperparameters: torch's and its LR schedulers'
+GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum"})
 AUTO_COMPILE_NUMEL = 1 << 20
 
 
@@ -41,30 +49,43 @@ class CoreOptimizer(torch.optim.Optimizer):
     name = "core"
     DEFAULTS: dict[str, Any] = {}  # the keywords this optimizer accepts, with the reference defaults
     FIXED: dict[str, Any] = {}  # flags the name fixes (amsgrad for "amsgrad", ...): in every group, not keywords
+    # torch.optim's implementation switches this algorithm's torch class accepts (see _rules.IMPL_FLAGS), with
+    # torch's defaults; the AdaBound family takes Adam's
+    TORCH_FLAGS: dict[str, Any] = dict(foreach=None, differentiable=False)
+    SPARSE = False  # takes sparse gradients, as its torch class does
+    GROUP_KEYS = GROUP_KEYS
 
     def __init__(self, params, impl: str | None = None, **hparams):
-        unknown = set(hparams) - set(self.DEFAULTS)
-        if unknown:
-            raise ConfigError(
-                f"optimizer {self.name}: unknown keyword {sorted(unknown)[0]!r}; "
-                f"valid keywords: {', '.join(sorted(self.DEFAULTS))}"
-            )
+        self._check_keywords(hparams, "")
         impl = impl or os.environ.get("OPTSTUDY_OPTIM_IMPL", "auto")
         if impl not in IMPLS:
             raise ConfigError(f"optimizer {self.name}: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
         self._last: list[tuple[dict, list[tuple[torch.Tensor, dict]]]] = []
         self._aliases: dict[tuple, tuple] = {}  # compiled path: last step's flat aliases of params and state
-        super().__init__(params, {**self.DEFAULTS, **hparams, **self.FIXED})
+        self._number_counts = False  # the state may hold counts as numbers (see _traced_step)
+        super().__init__(params, {**self.DEFAULTS, **self.TORCH_FLAGS, **hparams, **self.FIXED})
         self.impl = self._resolve_impl(impl)
+
+    def _check_keywords(self, given: dict, where: str) -> None:
+        """Unknown keywords are refused; a flag the name fixes is accepted at its fixed value only, so that
+        ``type(opt)(params, **opt.defaults)`` rebuilds the same optimizer, as it does for torch.optim classes."""
+        valid = set(self.DEFAULTS) | set(self.TORCH_FLAGS)
+        unknown = set(given) - valid - set(self.FIXED)
+        if unknown:
+            raise ConfigError(
+                f"optimizer {self.name}: unknown keyword {sorted(unknown)[0]!r}{where}; "
+                f"valid keywords: {', '.join(sorted(valid))}"
+            )
+        for key in set(given) & set(self.FIXED):
+            if given[key] != self.FIXED[key]:
+                others = [c.name for c in _family(type(self)) if c.FIXED.get(key, given[key]) == given[key]]
+                raise fail(f"optimizer {self.name}", key, f"is fixed to {self.FIXED[key]!r} by the name "
+                           f"{self.name!r}{where}; use {' or '.join(map(repr, others))}", given[key])
 
     # -- groups -------------------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
-        unknown = set(param_group) - set(self.DEFAULTS) - {"params", "param_names", "initial_lr"}
-        if unknown:
-            raise ConfigError(
-                f"optimizer {self.name}: unknown keyword {sorted(unknown)[0]!r} in a param group; "
-                f"valid keywords: {', '.join(sorted(self.DEFAULTS))}"
-            )
+        extra = {k: v for k, v in param_group.items() if k not in self.GROUP_KEYS}
+        self._check_keywords(extra, " in a param group")
         super().add_param_group(param_group)  # fills defaults
         group = self.param_groups[-1]
         check_group(f"optimizer {self.name}", group)
@@ -92,7 +113,8 @@ class CoreOptimizer(torch.optim.Optimizer):
 
     def scalars(self, group: dict, state: dict) -> dict[str, Any]:
         """This step's numbers (floats, passed to the compiled kernel as one tensor) and flags (bools, constants of
-        the compiled code). Must depend on ``state`` only through ``state_key``."""
+        the compiled code). Must depend on ``state`` only through ``state_key``. Written for numbers and 0-d
+        tensors alike (``lr`` may be a tensor; under ``torch.compile`` the step count is one)."""
         raise NotImplementedError
 
     def state_key(self, state: dict) -> tuple:
@@ -100,6 +122,10 @@ class CoreOptimizer(torch.optim.Optimizer):
         return (state["step"],)
 
     kernel: Callable = staticmethod(lambda *a, **k: None)
+
+    def sparse_step(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict, s: dict) -> None:
+        """The update for a sparse gradient ``g``, for optimizers with ``SPARSE``."""
+        raise NotImplementedError
 
     def after_kernel(self, state: dict, group: dict, s: dict) -> None:
         """Hook for state bookkeeping after the tensors are updated (e.g. swapping double buffers)."""
@@ -109,14 +135,14 @@ class CoreOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     # -- the step -----------------------------------------------------------------------------------------------
-    def _weight_decay(self, group: dict) -> dict[str, float | None]:
+    def _weight_decay(self, group: dict) -> dict[str, Any]:
         # coupled: g += λθ inside the kernel; decoupled (AdamW): θ *= 1 - ηλ before the update; None: off (a constant
         # of the compiled kernel, so that the common case costs no pass)
         wd = float(group["weight_decay"])
         if wd == 0:
             return {"wd": None, "decay": None}
         if group["decoupled_weight_decay"]:
-            return {"wd": None, "decay": 1.0 - float(group["lr"]) * wd}
+            return {"wd": None, "decay": 1.0 - group["lr"] * wd}
         return {"wd": wd, "decay": None}
 
     @torch.no_grad()
@@ -126,37 +152,80 @@ class CoreOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            self._traced_step()
+            return loss
         self._last = []
         seen, self._aliases = self._aliases, {}
         for group in self.param_groups:
             self._last.append((group, self._step_group(group, seen)))
+        self._number_counts = True
         return loss
+
+    def _gradients(self, group: dict) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+        """``(param, gradient, state)`` for each parameter of ``group`` that has a gradient, its state created and
+        its step counted; the gradient negated for ``maximize``, as torch does before weight decay."""
+        maximize, states = group["maximize"], self.state
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            state = states[p]
+            if not state:
+                self.init_state(p, state, group)
+            state["step"] += 1
+            yield p, (-g if maximize else g), state
 
     def _step_group(self, group: dict, seen: dict) -> list[tuple[torch.Tensor, dict]]:
         decay = self._weight_decay(group)
         names = self.buffers(group)
         stepped, parts = [], {}
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise ConfigError(f"optimizer {self.name}: sparse gradients are not supported")
-            state = self.state[p]
-            if not state:
-                self.init_state(p, state, group)
-            state["step"] += 1
+        for p, g, state in self._gradients(group):
+            if isinstance(state["step"], torch.Tensor):  # after steps under torch.compile: numbers again
+                self._numbers(state)
             key = self.state_key(state)
             if key not in parts:
-                parts[key] = ({**self.scalars(group, state), **decay}, [])
+                parts[key] = (_numbers({**self.scalars(group, state), **decay}), [])
             s, rows = parts[key]
-            rows.append([p, p.grad, *(state[b] for b in names)])
             stepped.append((p, s))
+            if g.is_sparse:
+                self._sparse(p, g, state, group, s)
+                continue
+            rows.append(self._row(p, g, state, names))
         for s, rows in parts.values():
             self._run(rows, s, seen)
         if type(self).after_kernel is not CoreOptimizer.after_kernel:
             for p, s in stepped:
                 self.after_kernel(self.state[p], group, s)
         return stepped
+
+    @staticmethod
+    def _row(p: torch.Tensor, g: torch.Tensor, state: dict, names: tuple[str, ...]) -> list[torch.Tensor]:
+        """``[p, g, *buffers]`` for the kernel; complex tensors as their real views (real and imaginary parts are two
+        elements, as torch steps them)."""
+        try:
+            row = [p, g, *[state[b] for b in names]]
+        except KeyError:  # a buffer switched on mid-run: OneCycleLR cycles SGD's momentum up from 0, as torch allows
+            for b in names:
+                state.setdefault(b, torch.zeros_like(p, memory_format=torch.preserve_format))
+            row = [p, g, *(state[b] for b in names)]
+        if p.is_complex():
+            return [torch.view_as_real(t) for t in row]
+        if p.dim() == 0 and torch.compiler.is_compiling():  # torch 2.13 there loses in-place updates of 0-d inputs
+            return [t.view(1) for t in row]
+        return row
+
+    def _sparse(self, p, g, state, group, s) -> None:
+        owner = f"optimizer {self.name}"
+        if not self.SPARSE:
+            raise ConfigError(f"{owner}: sparse gradients are not supported (torch takes them in SGD, Adagrad and "
+                              "SparseAdam; optstudy in sgd, momentum, nesterov and adagrad)")
+        if s["wd"] is not None:
+            raise fail(owner, "weight_decay", "must be 0 with sparse gradients (as in torch), or use "
+                       "decoupled_weight_decay=True", group["weight_decay"])
+        if p.is_complex():
+            raise ConfigError(f"{owner}: complex parameters with sparse gradients are not supported")
+        self.sparse_step(p, g, state, group, s)
 
     def _run(self, rows: list[list[torch.Tensor]], s: dict, seen: dict) -> None:
         """Applies the kernel to each row ``[p, g, *buffers]``: compiled in chunks where it can, else eagerly."""
@@ -177,30 +246,151 @@ class CoreOptimizer(torch.optim.Optimizer):
         for row in eager:
             type(self).kernel(*row, **s)
 
+    # -- under torch.compile ------------------------------------------------------------------------------------
+    # A function that calls step() compiled from outside: dynamo would specialise on the integer step count and
+    # recompile every step (1.6-2.8 s each), then give up. So, as torch.optim does, the count lives in a 0-d tensor
+    # there (float64, so bias corrections round as with the number), the scalars are tensor expressions and state is
+    # created in ``_init_group``, which dynamo runs eagerly while tracing (its hook for torch.optim's optimizers).
+    # The step is then one graph, compiled once; impl="compiled" is not used inside it (inductor fuses the loop).
+    def _traced_step(self) -> None:
+        if self._number_counts:  # stepped eagerly or loaded before: converted once, at a graph break
+            self._tensor_counts()
+        for group in self.param_groups:
+            self._init_group(group)
+        self._last = []
+        for group in self.param_groups:
+            decay, names, stepped = self._weight_decay(group), self.buffers(group), []
+            for p, g, state in self._gradients(group):
+                s = {**self.scalars(group, state), **decay}
+                type(self).kernel(*self._row(p, g, state, names), **s)
+                self.after_kernel(state, group, s)
+                stepped.append((p, s))
+            self._last.append((group, stepped))
+
+    def _init_group(self, group: dict) -> None:
+        """Creates the state of ``group``'s parameters that have gradients, with the step count as a tensor."""
+        for p in group["params"]:
+            if p.grad is not None and not self.state[p]:
+                self.init_state(p, self.state[p], group)
+                self._tensors(self.state[p])
+
+    @torch._dynamo.disable
+    def _tensor_counts(self) -> None:
+        for state in self.state.values():
+            if state:
+                self._tensors(state)
+        self._number_counts = False
+
+    TENSOR_COUNTS = ("step",)  # state entries that are numbers eagerly and 0-d tensors under torch.compile
+
+    def _tensors(self, state: dict) -> None:
+        for key in self.TENSOR_COUNTS:
+            if not isinstance(state[key], torch.Tensor):
+                state[key] = torch.tensor(float(state[key]), dtype=torch.float64)
+
+    def _numbers(self, state: dict) -> None:
+        """torch keeps counts as tensors (``step``, NAdam's ``mu_product``): numbers here, so that the step's scalars
+        round like the reference's Python floats and the compiled path sees values, not new objects."""
+        for key in self.TENSOR_COUNTS:
+            value = state[key]
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            state[key] = round(value) if key == "step" else float(value)
+
     # -- effective learning rates -------------------------------------------------------------------------------
-    def last_step(self) -> Iterator[tuple[int, dict, torch.Tensor, dict]]:
-        """Yields ``(group index, group, param, scalars)`` for each tensor the last step updated."""
+    def last_step(self) -> Iterator[tuple[int, dict, torch.Tensor, dict, dict]]:
+        """Yields ``(group index, group, param, state, scalars)`` for each tensor the last step updated; a complex
+        parameter and its state as their real views, whose elements each have their own effective lr."""
         for gi, (group, stepped) in enumerate(self._last):
             for p, s in stepped:
-                yield gi, group, p, s
+                state = self.state[p]
+                if p.is_complex():
+                    p = torch.view_as_real(p)
+                    state = {k: torch.view_as_real(v) if torch.is_tensor(v) and v.is_complex() else v
+                             for k, v in state.items()}
+                yield gi, group, p, state, _numbers(s)
 
     def iter_effective_lrs(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Yields ``(group index, param, effective lr)`` for each tensor of the last step, one at a time."""
-        for gi, group, p, s in self.last_step():
-            yield gi, p, self.effective_lr(p, self.state[p], group, s)
+        for gi, group, p, state, s in self.last_step():
+            yield gi, p, self.effective_lr(p, state, group, s)
 
     @torch.no_grad()
     def effective_lrs(self) -> list[torch.Tensor]:
         """One tensor per parameter that took part in the last step (param-group order), shaped like it, such that
-        ``θ_new - θ_old = -effective_lr ⊙ direction`` (the direction each optimizer's docstring names).
+        ``θ_new - θ_old = -effective_lr ⊙ direction`` (the direction each optimizer's docstring names). A complex
+        parameter's is shaped like its ``torch.view_as_real`` (real and imaginary parts step separately).
 
         Decoupled weight decay (``θ *= 1 - ηλ``) is applied on top and is not part of it. Empty before the first step
         and right after ``load_state_dict``.
         """
         return [lr for _, _, lr in self.iter_effective_lrs()]
 
+    # -- copies and checkpoints ---------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles defaults, state and param_groups only: keep the impl; the caches are rebuilt
+        return {**super().__getstate__(), "impl": self.impl}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # also called by load_state_dict, with state and param_groups only
+        self._last, self._aliases, self._number_counts = [], {}, True
+        if "impl" not in self.__dict__:  # pickled before impl was kept
+            self.impl = self._resolve_impl("auto")
+
     def load_state_dict(self, state_dict: dict) -> None:
+        """Loads ours, an older one of ours, or a torch.optim one of the same algorithm: a missing group key takes
+        its reference default (what the saving code did before the key existed), a count saved as a tensor becomes
+        a number, and a buffer torch does not keep is created. The implementation switches (``foreach``, ...)
+        stay this optimizer's."""
+        before = [dict(g) for g in self.param_groups]
         super().load_state_dict(state_dict)
-        self._last, self._aliases = [], {}
-        for group in self.param_groups:
+        owner = f"optimizer {self.name}"
+        for group, old in zip(self.param_groups, before):
+            for key, value in self.FIXED.items():
+                if group.setdefault(key, value) != value:
+                    raise fail(owner, key, f"is {value!r} for {self.name!r}, but the state dict was saved with "
+                               "another value (load it into the optimizer of that name)", group[key])
+            for key, value in self.DEFAULTS.items():
+                group.setdefault(key, value)
+            group.update({key: old[key] for key in self.TORCH_FLAGS})
+            self.upgrade_group(group, old)
+            check_group(owner, group)
             self.prepare_group(group)
+            for p in group["params"]:
+                if self.state.get(p):
+                    self.upgrade_state(p, self.state[p], group)
+
+    def upgrade_group(self, group: dict, old: dict) -> None:
+        """Hook: fill keys of a loaded group that need more than a default (``old``: the group before loading)."""
+
+    def upgrade_state(self, p: torch.Tensor, state: dict, group: dict) -> None:
+        """A loaded state in our format: counts as numbers, every buffer present."""
+        for key in [k for k, v in state.items() if v is None]:  # torch's SGD: momentum_buffer None before a step
+            del state[key]
+        # torch's SGD keeps no count: its momentum buffer means it has stepped
+        state.setdefault("step", 1 if "momentum_buffer" in state else 0)
+        for key in self.TENSOR_COUNTS:
+            state.setdefault(key, 1.0)
+        self._numbers(state)
+        for name in self.buffers(group):
+            if name not in state:
+                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+
+def _family(cls: type) -> list[type]:
+    """The registered optimizers that share ``cls``'s kernel (sgd/momentum/nesterov, adam/amsgrad, ...)."""
+    found, todo = [], [CoreOptimizer]
+    while todo:
+        c = todo.pop()
+        todo += c.__subclasses__()
+        if c is not cls and c.kernel is cls.kernel and c.name != "core" and not c.name.startswith("_"):
+            found.append(c)
+    return sorted(found, key=lambda c: c.name)
+
+
+def _numbers(s: dict) -> dict:
+    """The step's scalars with 0-d tensors (a tensor lr, counts from under torch.compile) as Python numbers."""
+    if any(isinstance(v, torch.Tensor) for v in s.values()):
+        return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+    return s

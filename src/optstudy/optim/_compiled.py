@@ -44,7 +44,7 @@ def split_scalars(s: dict) -> tuple[tuple[str, ...], tuple[float, ...], tuple[tu
     """(names, values) of the step's numbers, which become one tensor, and the remaining constants (bools, None)."""
     names, values, static = [], [], []
     for key, value in s.items():
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if isinstance(value, (numbers.Real, torch.Tensor)) and not isinstance(value, bool):  # never a new constant
             names.append(key)
             values.append(float(value))
         else:

@@ -58,14 +58,14 @@ def lr_histogram(optimizer, bins: int = 160, low: float = -10.0, high: float = 6
     maxs = [torch.tensor(float("-inf"))] * n_groups
     bounded = hasattr(optimizer, "clip_counts")
     clipped = [[0, 0, 0] for _ in range(n_groups)]  # lower, upper, total elements
-    for gi, group, p, s in optimizer.last_step():
-        x = optimizer.effective_lr(p, optimizer.state[p], group, s).float().log10().flatten()
+    for gi, group, p, state, s in optimizer.last_step():
+        x = optimizer.effective_lr(p, state, group, s).float().log10().flatten()
         h = torch.histc(x.clamp(low, high), bins=bins, min=low, max=high).long()
         counts[gi] = h if counts[gi] is None else counts[gi] + h
         mins[gi] = torch.minimum(mins[gi].to(x.device), x.min())
         maxs[gi] = torch.maximum(maxs[gi].to(x.device), x.max())
         if bounded:
-            n_lo, n_hi = optimizer.clip_counts(p, optimizer.state[p], group, s)
+            n_lo, n_hi = optimizer.clip_counts(p, state, group, s)
             clipped[gi][0] = clipped[gi][0] + n_lo
             clipped[gi][1] = clipped[gi][1] + n_hi
             clipped[gi][2] += p.numel()

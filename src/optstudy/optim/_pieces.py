@@ -7,7 +7,15 @@ arithmetic (``x * f``), never as ``alpha=``/``value=`` weights, which take numbe
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def sqrt(x):
+    """√x of a number (``math.sqrt``, as the references round it) or of a tensor (the step's scalars are 0-d tensors
+    when a caller compiles the step with ``torch.compile``)."""
+    return x.sqrt() if isinstance(x, torch.Tensor) else math.sqrt(x)
 
 
 def coupled_decay(p, g, wd, decay):

@@ -14,7 +14,7 @@ def _sgd_kernel(p, g, *buf, lr, wd, decay, mu_buf, keep, mu, nesterov):
     if buf:  # momentum trace: b = mu_buf·b + keep·g (mu_buf=0, keep=1 on the first step: b_1 = g)
         (b,) = buf
         b.mul_(mu_buf).add_(g * keep)
-        g = g + b * mu if nesterov else b
+        g = b * mu + g if nesterov else b  # dense + sparse: torch has no sparse + dense
     p.sub_(g * lr)
 
 
@@ -28,12 +28,15 @@ class _SGDBase(CoreOptimizer):
         momentum:  b_1 = g_1;  b ← μ·b + (1-τ)·g;  θ ← θ - η·b
         nesterov:  b as above (τ = 0);             θ ← θ - η·(g + μ·b)
 
-    Equal to ``torch.optim.SGD(lr, momentum, dampening, nesterov)``; defaults: lr=1e-3 (torch ≥ 2.x), μ=0.9 for the
-    ``momentum`` and ``nesterov`` names. Effective learning rate: η everywhere; direction: the momentum buffer
+    Equal to ``torch.optim.SGD(lr, momentum, dampening, nesterov, maximize)``; defaults: lr=1e-3 (torch ≥ 2.x), μ=0.9
+    for the ``momentum`` and ``nesterov`` names. Sparse gradients are taken as torch takes them (without coupled
+    weight decay). Effective learning rate: η everywhere; direction: the momentum buffer
     ``b`` for momentum, ``g + μ·b`` for Nesterov, ``g`` for plain SGD.
     """
 
     kernel = staticmethod(_sgd_kernel)
+    TORCH_FLAGS = dict(foreach=None, differentiable=False, fused=None)
+    SPARSE = True
 
     def prepare_group(self, group):
         super().prepare_group(group)
@@ -47,14 +50,17 @@ class _SGDBase(CoreOptimizer):
 
     def scalars(self, group, state):
         mu = float(group["momentum"])
-        first = state["step"] == 1
+        later = state["step"] > 1  # a bool, or a tensor under torch.compile: so no branch on it
         return dict(
-            lr=float(group["lr"]),
-            mu_buf=0.0 if first else mu,
-            keep=1.0 if first else 1.0 - float(group["dampening"]),
+            lr=group["lr"],
+            mu_buf=mu * later,  # 0 on the first step
+            keep=1.0 - float(group["dampening"]) * later,  # 1 on the first step
             mu=mu,
             nesterov=bool(group["nesterov"]),
         )
+
+    def sparse_step(self, p, g, state, group, s):
+        self.kernel(p, g, *(state[b] for b in self.buffers(group)), **s)
 
     def effective_lr(self, p, state, group, s):
         return torch.full_like(p, s["lr"])
@@ -63,19 +69,22 @@ class _SGDBase(CoreOptimizer):
 class SGD(_SGDBase):
     __doc__ = _SGDBase.__doc__
     name = "sgd"
-    DEFAULTS = dict(lr=1e-3, weight_decay=0.0, decoupled_weight_decay=False)
+    DEFAULTS = dict(lr=1e-3, weight_decay=0.0, decoupled_weight_decay=False,
+                    maximize=False)
     FIXED = dict(momentum=0.0, dampening=0.0, nesterov=False)
 
 
 class Momentum(_SGDBase):
     __doc__ = _SGDBase.__doc__
     name = "momentum"
-    DEFAULTS = dict(lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0, decoupled_weight_decay=False)
+    DEFAULTS = dict(lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0, decoupled_weight_decay=False,
+                    maximize=False)
     FIXED = dict(nesterov=False)
 
 
 class Nesterov(_SGDBase):
     __doc__ = _SGDBase.__doc__
     name = "nesterov"
-    DEFAULTS = dict(lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0, decoupled_weight_decay=False)
+    DEFAULTS = dict(lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0, decoupled_weight_decay=False,
+                    maximize=False)
     FIXED = dict(nesterov=True)
