@@ -22,29 +22,14 @@ from torch.utils.data import DataLoader, Sampler
 
 import optstudy.optim as optim
 from optstudy import models
+from optstudy.config import optimizer_kwargs
 from optstudy.errors import ConfigError, OptstudyError
 
 
 class Diverged(OptstudyError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite, or blew up (see ``Task._check_divergence``)."""
 
     exit_code = 3
-
-
-def optimizer_kwargs(cfg: DictConfig) -> dict:
-    """The optimizer's name and keywords from ``cfg.optimizer`` (and ``cfg.bound`` for the bounded ones)."""
-    hp = OmegaConf.to_container(cfg.optimizer, resolve=True)
-    name = hp.pop("name")
-    # an experiment sets e.g. betas for Adam; switching to SGD on the command line keeps them. A hyperparameter of
-    # another core optimizer is dropped with a note; anything else still fails in optim.build as unknown
-    others = {k for n in optim.NAMES for k in optim.defaults(n)} - set(optim.defaults(name))
-    for key in sorted(others & set(hp)):
-        print(f"note: optimizer {name} has no {key}; ignoring optimizer.{key}={hp.pop(key)}", flush=True)
-    if isinstance(hp.get("betas"), list):
-        hp["betas"] = tuple(hp["betas"])
-    if "bound" in optim.defaults(name) and "bound" in cfg:
-        hp.setdefault("bound", OmegaConf.to_container(cfg.bound, resolve=True))
-    return {"name": name, **hp}
 
 
 SCHEDULERS = ("constant", "inv_sqrt", "multistep")
@@ -184,15 +169,26 @@ class Task(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.model(batch) if self.task == "objective" else self._logits_loss(batch)[2]
-        value = loss.item()
-        if not math.isfinite(value):
-            raise Diverged(f"training diverged: the loss is {value} at epoch {self.current_epoch}, step "
-                           f"{self.global_step} (optimizer {self.cfg.optimizer.name}, lr {self.cfg.optimizer.lr})")
+        self._check_divergence(loss.item())
         self.log("train_loss", loss, prog_bar=True)
         if self.logger is not None and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             # directly, at full precision: Lightning's self.log would round lrs and bounds to float32
             self.logger.log_metrics(self._schedule_metrics(), self.global_step)
         return loss
+
+    def _check_divergence(self, value: float) -> None:
+        """Diverged: the loss is NaN/inf or, for classification and language models (losses >= 0 that start near
+        ln(classes)), above ``divergence.factor`` times its first value in this process. A synthetic objective's
+        loss may start at 0 or go negative by design (regret, escaping a saddle): only NaN/inf there."""
+        first = self.__dict__.setdefault("_first_loss", value)
+        factor = self.cfg.get("divergence", {}).get("factor")
+        where = (f"at epoch {self.current_epoch}, step {self.global_step} (optimizer {self.cfg.optimizer.name}, "
+                 f"lr {self.cfg.optimizer.lr})")
+        if not math.isfinite(value):
+            raise Diverged(f"training diverged: the loss is {value} {where}")
+        if factor and self.task != "objective" and first > 0 and value > factor * first:
+            raise Diverged(f"training diverged: the loss is {value:.4g}, over divergence.factor={factor:g} times "
+                           f"its first value {first:.4g}, {where}")
 
     def on_train_start(self):
         if self.task == "objective" and self.logger is not None and self.global_step == 0:

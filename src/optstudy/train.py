@@ -21,19 +21,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from optstudy import data
+from optstudy.config import optimizer_kwargs, validate  # noqa: F401  (re-exported for callers)
 from optstudy.errors import ConfigError
-from optstudy.lit import Diverged, EpochTimer, Task, Trajectory, optimizer_kwargs  # noqa: F401  (re-exported for callers)
+from optstudy.lit import Diverged, EpochTimer, Task, Trajectory  # noqa: F401  (re-exported for callers)
 from optstudy.lrlog import EffectiveLR
 from optstudy.tracking import MLflowLogger, flatten, git_commit, tracking_uri, ui_command
-
-
-def check(cfg: DictConfig) -> None:
-    """Checks that fail fast, before any data is loaded."""
-    batch = cfg.data.batch_size
-    if not (isinstance(batch, int) and batch > 0):
-        raise ConfigError(f"data.batch_size must be an integer > 0, got {batch!r}")
-    if cfg.trainer.get("max_epochs") is not None and not cfg.trainer.max_epochs >= 0:
-        raise ConfigError(f"trainer.max_epochs must be an integer >= 0, got {cfg.trainer.max_epochs!r}")
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -149,7 +141,7 @@ def run(cfg: DictConfig) -> float:
 def train(cfg: DictConfig, callbacks: list | None = None) -> Result:
     """``run``, returning the MLflow run and every final metric too; ``callbacks``: extra Lightning callbacks
     (a study's pruning callback)."""
-    check(cfg)
+    validate(cfg)
     _quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = Task(cfg, data.load(cfg.data, cfg.seed))
@@ -199,7 +191,7 @@ def _recorders(cfg, module, logger) -> list:
     """Callbacks that keep what becomes artifacts: effective-LR histograms, an objective model's trajectory."""
     if logger is None:
         return []
-    every = cfg.logger.get("eff_lr_every_n_steps") or 25
+    every = cfg.logger.get("eff_lr_every_n_steps", 25)
     return [EffectiveLR(every)] + ([Trajectory()] if module.task == "objective" else [])
 
 

@@ -28,12 +28,12 @@ import pytorch_lightning as pl
 from optuna.trial import TrialState
 
 import optstudy.optim as optim
+from optstudy.config import check_tracking, compose
 from optstudy.errors import ConfigError, OptstudyError
 from optstudy.study.spec import Study
 from optstudy.study.storage import open_storage
 
 ROOT = Path(__file__).resolve().parents[3]
-CONF = ROOT / "conf"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
@@ -68,22 +68,6 @@ def overrides_for(params: dict) -> list[str]:
     return out
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-
-    from hydra.errors import HydraException
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        try:
-            cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
-        except HydraException as exc:  # a typo in an override: Hydra's message names the key and what it expected
-            raise ConfigError(f"overrides: {exc}".replace("\n", " ")) from None
-        HydraConfig.instance().set_config(cfg)  # code that asks Hydra for its run (e.g. output_dir) gets answers
-    return cfg
-
-
 # --- pruning ----------------------------------------------------------------------------------------------------------
 class Pruning(pl.Callback):
     """Reports the objective after every validation to the trial, at step ``offset + epoch``, and stops the run
@@ -113,6 +97,7 @@ class Worker:
         self.threads = threads or (int(env_threads) if env_threads.isdigit() else None)
         self.storage, self.storage_url = open_storage(storage_url, heartbeat)
         base = compose([*study.overrides, *self.extra])  # fails now, once, for a bad override in the study or CLI
+        check_tracking(base)  # and for a tracking server that does not answer, before a trial waits on it
         self.objective = study.objective or base.objective
         self.epochs = int(base.trainer.max_epochs)
         self.ddp = "ddp" in str(base.trainer.get("strategy", ""))

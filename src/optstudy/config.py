@@ -1,0 +1,182 @@
+"""Composing and checking ``train.py``'s config: the one way in for ``train.py``, the study worker, scripts and tests.
+
+A mistake anywhere in the overrides or the composed config becomes a ``ConfigError`` naming the key, the rule and the
+value, found before any data, model, tracking run or heavy import (the optimizer core, which checks the optimizer's
+hyperparameters, imports torch only): ``python train.py optimzer=sgd`` answers in about two seconds that
+``optimzer`` is not a key (did you mean ``optimizer``?) instead of Hydra's advice to add it with ``+``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from optstudy.errors import ConfigError
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+EXTRA_KEYS = ("result_file",)  # set by a study for a train.py subprocess (+result_file=...)
+
+
+def groups() -> dict[str, list[str]]:
+    """Config groups and their choices: ``{"optimizer": ["adabound", ...], ...}``."""
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(CONF.iterdir()) if d.is_dir()}
+
+
+def top_keys() -> list[str]:
+    """The keys ``train.yaml`` has besides its groups (``seed``, ``objective``, ...)."""
+    own = yaml.safe_load((CONF / "train.yaml").read_text())
+    return sorted({*own, *EXTRA_KEYS} - {"defaults", "hydra"})
+
+
+def _closest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Every override names a group and one of its choices, or a key that exists (``+`` adds one below a group)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as exc:
+        raise ConfigError(f"overrides: {str(exc).splitlines()[0]}") from None
+    choices, keys = groups(), top_keys()
+    for override in parsed:
+        key = override.key_or_group
+        head = key.split(".")[0].split("/")[0]
+        if head == "hydra":
+            continue
+        if head not in choices and head not in keys:
+            raise ConfigError(
+                f"{key}: not a config group or key of train.py{_closest(head, [*choices, *keys])}; "
+                f"groups: {', '.join(choices)}; keys: {', '.join(keys)}"
+            )
+        value = override.value() if not override.is_delete() else None
+        if key in choices and isinstance(value, str) and value not in choices[key] and value != "null":
+            raise ConfigError(f"{key}={value}: no such {key}{_closest(value, choices[key])}; "
+                              f"choices: {', '.join(choices[key])}")
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """``train.yaml`` with ``overrides``, as ``train.py`` composes it (Hydra's node included, so that code asking
+    Hydra for its run directory gets answers); every mistake a ``ConfigError``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+
+    check_overrides(overrides)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        try:
+            cfg = hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+        except HydraException as exc:
+            raise _missing_key(overrides, hydra_compose) or ConfigError(
+                "overrides: " + " ".join(str(exc).split())) from None
+        HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def _missing_key(overrides: list[str], hydra_compose) -> ConfigError | None:
+    """The error for the first override that changes a key its config lacks (Hydra would advise ``+``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    choices = groups()
+    picks = [o.input_line for o in parsed if o.key_or_group in choices]
+    base = hydra_compose(config_name="train", overrides=picks)
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_add() or override.is_force_add() or key in choices or "." not in key:
+            continue
+        parent, leaf = key.rsplit(".", 1)
+        node = OmegaConf.select(base, parent)
+        if isinstance(node, DictConfig) and leaf not in node:
+            return ConfigError(f"{key}: {parent} has no key {leaf!r}{_closest(leaf, node)}; "
+                               f"its keys: {', '.join(map(str, node))}")
+    return None
+
+
+# --- the composed config ----------------------------------------------------------------------------------------
+def optimizer_kwargs(cfg: DictConfig, notes: bool = True) -> dict:
+    """The optimizer's name and keywords from ``cfg.optimizer`` (and ``cfg.bound`` for the bounded ones)."""
+    from optstudy import optim
+
+    hp = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    name = hp.pop("name")
+    # an experiment sets e.g. betas for Adam; switching to SGD on the command line keeps them. A hyperparameter of
+    # another core optimizer is dropped with a note; anything else still fails in optim.build as unknown
+    others = {k for n in optim.NAMES for k in optim.defaults(n)} - set(optim.defaults(name))
+    for key in sorted(others & set(hp)):
+        value = hp.pop(key)
+        if notes:
+            print(f"note: optimizer {name} has no {key}; ignoring optimizer.{key}={value}", flush=True)
+    if isinstance(hp.get("betas"), list):
+        hp["betas"] = tuple(hp["betas"])
+    if "bound" in optim.defaults(name) and "bound" in cfg:
+        hp.setdefault("bound", OmegaConf.to_container(cfg.bound, resolve=True))
+    return {"name": name, **hp}
+
+
+def _integer(cfg: DictConfig, key: str, low: int, high: int | None = None) -> None:
+    value = OmegaConf.select(cfg, key)
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    if not ok:
+        rule = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+def validate(cfg: DictConfig, overrides: list[str] = ()) -> None:
+    """Checks the whole composed config: each value where it enters, before anything is loaded or recorded.
+    ``overrides``: the command line's, to refuse options that the choices made would silently ignore."""
+    import torch
+
+    from optstudy import optim
+
+    _integer(cfg, "seed", 0, 2**32 - 1)  # numpy's seed range, which Lightning seeds too
+    _integer(cfg, "data.batch_size", 1)
+    if OmegaConf.select(cfg, "trainer.max_epochs") is not None:
+        _integer(cfg, "trainer.max_epochs", 0)
+    if OmegaConf.select(cfg, "logger.eff_lr_every_n_steps") is not None:
+        _integer(cfg, "logger.eff_lr_every_n_steps", 1)
+    factor = OmegaConf.select(cfg, "divergence.factor")
+    if factor is not None and not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 1):
+        raise ConfigError(f"divergence.factor must be a number > 1 or null (NaN/inf only), got {factor!r}")
+    kwargs = optimizer_kwargs(cfg, notes=False)  # training prints them
+    name = kwargs.pop("name")
+    explicit = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    if "bound" not in optim.defaults(name) and "bound" in explicit:
+        bounded = [n for n in optim.NAMES if "bound" in optim.defaults(n)]
+        raise ConfigError(f"bound={cfg.bound.name}: optimizer {name} has no learning-rate bounds, so it would be "
+                          f"ignored; bounds are for {', '.join(bounded)}")
+    optim.build(name, [torch.zeros(2, requires_grad=True)], impl="loop", **kwargs)  # every hyperparameter's rule
+    check_tracking(cfg)
+
+
+def check_tracking(cfg: DictConfig, timeout: float = 5.0) -> None:
+    """An MLflow server that does not answer, or refuses, is an error now, not minutes of urllib3 retries ending in
+    a traceback. Asks its ``/health`` endpoint, once (a SQLite store needs no check)."""
+    if OmegaConf.select(cfg, "logger.name") != "mlflow":
+        return
+    key, uri = "logger.tracking_uri", OmegaConf.select(cfg, "logger.tracking_uri")
+    if not uri:
+        key, uri = "MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError as exc:
+        reason = f"it answered HTTP {exc.code} to /health"
+    except (OSError, ValueError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise ConfigError(f"{key}: no MLflow tracking server answers at {uri} ({reason}); start it (mlflow server "
+                      f"--host ... --port ...), correct {key}, or train with logger=none")
