@@ -134,8 +134,6 @@ def _integer(cfg: DictConfig, key: str, low: int, high: int | None = None) -> No
 def validate(cfg: DictConfig, overrides: list[str] = ()) -> None:
     """Checks the whole composed config: each value where it enters, before anything is loaded or recorded.
     ``overrides``: the command line's, to refuse options that the choices made would silently ignore."""
-    import torch
-
     from optstudy import optim
 
     _integer(cfg, "seed", 0, 2**32 - 1)  # numpy's seed range, which Lightning seeds too
@@ -154,7 +152,7 @@ def validate(cfg: DictConfig, overrides: list[str] = ()) -> None:
         bounded = [n for n in optim.NAMES if "bound" in optim.defaults(n)]
         raise ConfigError(f"bound={cfg.bound.name}: optimizer {name} has no learning-rate bounds, so it would be "
                           f"ignored; bounds are for {', '.join(bounded)}")
-    optim.build(name, [torch.zeros(2, requires_grad=True)], impl="loop", **kwargs)  # every hyperparameter's rule
+    optim.check(name, **kwargs)  # every hyperparameter's rule, as optim.build applies them
     check_tracking(cfg)
 
 

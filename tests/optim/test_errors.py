@@ -97,3 +97,14 @@ def test_flags_fixed_by_the_name_take_their_fixed_value_only():
     _raises(r"nesterov is fixed to False by the name 'momentum'; use 'nesterov', got True", "momentum", nesterov=True)
     _raises(r"momentum is fixed to 0.0 by the name 'sgd'; use 'momentum' or 'nesterov', got 0.9", "sgd", momentum=0.9)
     assert o.build("adam", make_params(), amsgrad=False).param_groups[0]["amsgrad"] is False
+
+
+@pytest.mark.parametrize("name,hp", [("adam", dict(lr=-1)), ("nesterov", dict(momentum=0)), ("adam", dict(lrr=1)),
+                                     ("adabound", dict(lr=0)), ("sgd", dict(momentum=0.9)), ("adma", {})])
+def test_check_raises_what_build_raises_without_parameters(name, hp):
+    with pytest.raises(ConfigError) as built:
+        o.build(name, make_params(), **hp)
+    with pytest.raises(ConfigError) as checked:
+        o.check(name, **hp)
+    assert str(checked.value) == str(built.value)
+    o.check(name if name != "adma" else "adam")  # the defaults pass

@@ -38,6 +38,11 @@ def build(name: str, params, **hparams) -> CoreOptimizer:
     return _lookup(name)(params, **hparams)
 
 
+def check(name: str, **hparams) -> None:
+    """Raises the ``ConfigError`` that ``build(name, params, **hparams)`` would for a name, keyword or value."""
+    _lookup(name).check(**hparams)
+
+
 def defaults(name: str) -> dict:
     """The keywords ``name`` accepts, with their reference defaults."""
     return dict(_lookup(name).DEFAULTS)
@@ -52,7 +57,7 @@ def _lookup(name: str) -> type[CoreOptimizer]:
 
 
 __all__ = [
-    "NAMES", "REGISTRY", "build", "defaults", "CoreOptimizer", "LRHistogram", "lr_histogram", "BoundSchedule",
+    "NAMES", "REGISTRY", "build", "check", "defaults", "CoreOptimizer", "LRHistogram", "lr_histogram", "BoundSchedule",
     "SCHEDULES", "make_bound", "SGD", "Momentum", "Nesterov", "Adagrad", "Adadelta", "RMSprop", "Adam", "Adamax",
     "NAdam", "AMSGrad", "AdaBound", "AMSBound",
 ]

@@ -25,6 +25,7 @@ key existed (missing keys take their defaults); complex parameters step as their
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any, Callable, Iterator
@@ -65,6 +66,16 @@ class CoreOptimizer(torch.optim.Optimizer):
         self._number_counts = False  # the state may hold counts as numbers (see _traced_step)
         super().__init__(params, {**self.DEFAULTS, **self.TORCH_FLAGS, **hparams, **self.FIXED})
         self.impl = self._resolve_impl(impl)
+
+    @classmethod
+    def check(cls, **hparams) -> None:
+        """Raises the ``ConfigError`` the constructor would for these keywords, without parameters (and without
+        torch.optim's constructor, which imports dynamo: ~1 s of a config check)."""
+        self = cls.__new__(cls)
+        self._check_keywords(hparams, "")
+        group = {**cls.DEFAULTS, **cls.TORCH_FLAGS, **hparams, **cls.FIXED}
+        check_group(f"optimizer {cls.name}", group)
+        self.prepare_group(group)
 
     def _check_keywords(self, given: dict, where: str) -> None:
         """Unknown keywords are refused; a flag the name fixes is accepted at its fixed value only, so that
@@ -254,7 +265,7 @@ class CoreOptimizer(torch.optim.Optimizer):
     # The step is then one graph, compiled once; impl="compiled" is not used inside it (inductor fuses the loop).
     def _traced_step(self) -> None:
         if self._number_counts:  # stepped eagerly or loaded before: converted once, at a graph break
-            self._tensor_counts()
+            _outside_the_graph(CoreOptimizer._tensor_counts)(self)
         for group in self.param_groups:
             self._init_group(group)
         self._last = []
@@ -274,7 +285,6 @@ class CoreOptimizer(torch.optim.Optimizer):
                 self.init_state(p, self.state[p], group)
                 self._tensors(self.state[p])
 
-    @torch._dynamo.disable
     def _tensor_counts(self) -> None:
         for state in self.state.values():
             if state:
@@ -376,6 +386,13 @@ class CoreOptimizer(torch.optim.Optimizer):
             if name not in state:
                 state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
+
+
+@functools.cache
+def _outside_the_graph(fn: Callable) -> Callable:
+    """``fn`` run eagerly from a traced step (a graph break); applied on first use, as importing dynamo takes ~1.4 s
+    and only a traced step needs it."""
+    return torch.compiler.disable(fn)
 
 
 def _family(cls: type) -> list[type]:
