@@ -304,3 +304,30 @@ def test_report_of_a_study_without_tracking(tmp_path, mlflow_uri, monkeypatch):
     assert cli(["study", "run", str(path), "--storage", storage]) == 0
     assert cli(["study", "report", "untracked", "--storage", storage, "--out", str(tmp_path / "out")]) == 0
     assert "untracked" in (tmp_path / "out" / "index.html").read_text()
+
+
+# --- a study's identity -------------------------------------------------------------------------------------------
+def test_a_worker_with_other_overrides_is_refused_and_status_states_the_budget(tmp_path, capsys):
+    """A later worker without the first one's ``trainer.max_epochs=1`` used to add 2-epoch trials to a 1-epoch
+    study, where they became "best"; the stored spec did not show the override."""
+    path, storage = study_file(tmp_path, n_trials=1), str(tmp_path / "j.journal")
+    assert cli(["study", "run", str(path), "--storage", storage, "trainer.max_epochs=1", "logger=none"]) == 0
+    capsys.readouterr()
+    assert cli(["study", "run", str(path), "--storage", storage, "logger=none", "--n-trials", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.max_epochs: study 1, this worker 2" in err and "trainer.max_epochs=1" in err
+    assert len(trials("s", storage)) == 1  # nothing added, nothing lost
+    # the same overrides join (logger settings do not shape a trial)
+    assert cli(["study", "run", str(path), "--storage", storage, "trainer.max_epochs=1", "logger=none"]) == 0
+    capsys.readouterr()
+    assert cli(["study", "status", "s", "--storage", storage]) == 0
+    assert "budget: mlp on digits, 1 epochs, seeds 0 (overrides: trainer.max_epochs=1 logger=none)" in \
+        capsys.readouterr().out
+
+
+def test_a_changed_study_file_is_refused(tmp_path, capsys):
+    path, storage = study_file(tmp_path, n_trials=1), str(tmp_path / "j.journal")
+    assert cli(["study", "run", str(path), "--storage", storage, "logger=none"]) == 0
+    study_file(tmp_path, n_trials=1, seeds=[0, 1])
+    assert cli(["study", "run", str(path), "--storage", storage, "logger=none"]) == 2
+    assert "this study file differs" in capsys.readouterr().err

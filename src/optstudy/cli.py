@@ -105,6 +105,9 @@ def summary(study) -> str:
 def cmd_status(args) -> int:
     study = load(args.name, args.storage)
     print(f"study {study.study_name}: {summary(study)}")
+    if study.user_attrs.get("budget"):
+        overrides = study.user_attrs.get("overrides") or []
+        print(f"budget: {study.user_attrs['budget']}" + (f" (overrides: {' '.join(overrides)})" if overrides else ""))
     return 0
 
 

@@ -73,6 +73,8 @@ def header(study: optuna.Study, t: Tables, uri: str | None) -> h.Section:
     section = h.Section("study", "1. Study", csvs={"trials.csv": t.trials})
     section.parts.append(h.definitions({
         "study": study.study_name, "objective": f"{s.objective} ({s.direction})",
+        "budget": study.user_attrs.get("budget", "—"),
+        "overrides": " ".join(study.user_attrs.get("overrides") or []) or "—",
         "optimizers": ", ".join(t.optimizers) or "—", "seeds": ", ".join(map(str, s.seeds)) or "—",
         "MLflow experiment": s.experiment or "—", "MLflow parent run": s.parent_run_id or "—",
         "tracking URI": _redacted(uri) if uri else "—", "open with": ui_command(_redacted(uri)) if uri else "—"}))

@@ -68,6 +68,29 @@ def overrides_for(params: dict) -> list[str]:
     return out
 
 
+# --- what a study's trials share ---------------------------------------------------------------------------------------
+# where results go or how fast they come, not what they are
+NOT_IDENTITY = ("hydra", "logger", "tags", "checkpoint", "ckpt_path", "result_file", "trainer.threads",
+                "trainer.enable_progress_bar")
+
+
+def identity(base) -> dict[str, str]:
+    """Every setting of the composed base config that shapes a trial, flattened (``trainer.max_epochs``: ``"2"``)."""
+    from omegaconf import OmegaConf
+
+    from optstudy.tracking import flatten
+
+    flat = flatten({k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                    for k, v in base.items() if k != "hydra"})
+    return {k: v for k, v in flat.items() if not k.startswith(NOT_IDENTITY)}
+
+
+def budget(ident: dict[str, str], spec: Study) -> str:
+    """One line for status and the report: ``mlp on digits, 10 epochs, seeds 0, 1, 2``."""
+    return (f"{ident.get('model.name', '?')} on {ident.get('data.name', '?')}, {ident.get('trainer.max_epochs', '?')} "
+            f"epochs, seeds {', '.join(map(str, spec.seeds))}")
+
+
 # --- pruning ----------------------------------------------------------------------------------------------------------
 class Pruning(pl.Callback):
     """Reports the objective after every validation to the trial, at step ``offset + epoch``, and stops the run
@@ -99,6 +122,7 @@ class Worker:
         base = compose([*study.overrides, *self.extra])  # fails now, once, for a bad override in the study or CLI
         check_tracking(base)  # and for a tracking server that does not answer, before a trial waits on it
         self.objective = study.objective or base.objective
+        self.identity = identity(base)
         self.epochs = int(base.trainer.max_epochs)
         self.ddp = "ddp" in str(base.trainer.get("strategy", ""))
         self.study = self._join()
@@ -114,7 +138,7 @@ class Worker:
             # configurations (a single worker stays reproducible from the study's seed)
             study = optuna.load_study(study_name=self.spec.name, storage=self.storage,
                                       sampler=make_sampler(self.spec, offset=os.getpid()), pruner=kwargs["pruner"])
-            return self._wait_ready(study)
+            return self._check_identity(self._wait_ready(study))
         self._initialise(study)
         return study
 
@@ -124,7 +148,8 @@ class Worker:
         uri, parent = create_parent(self.spec)
         attrs = dict(objective=self.objective, direction=self.spec.direction, optimizers=list(self.spec.spaces),
                      seeds=list(self.spec.seeds), spec=self.spec.source, mlflow_experiment=self.spec.name,
-                     mlflow_parent_run_id=parent, tracking_uri=uri, n_trials=self.spec.n_trials)
+                     mlflow_parent_run_id=parent, tracking_uri=uri, n_trials=self.spec.n_trials,
+                     overrides=list(self.extra), identity=self.identity, budget=budget(self.identity, self.spec))
         for key, value in attrs.items():
             study.set_user_attr(key, value)
         points = self.spec.grid() if self.spec.sampler["name"] == "grid" else (
@@ -132,6 +157,25 @@ class Worker:
         for point in points:
             study.enqueue_trial(point)
         study.set_user_attr("ready", True)  # last: the other workers wait for it
+
+    def _check_identity(self, study: optuna.Study) -> optuna.Study:
+        """A worker whose study file or overrides shape trials differently is refused: its trials would be mixed
+        with the others' as if comparable (a 10-epoch trial "best" in a 2-epoch study)."""
+        attrs = study.user_attrs
+        if attrs.get("spec") not in (None, self.spec.source):
+            raise ConfigError(f"study {self.spec.name!r}: this study file differs from the one the study was started "
+                              "with; give the changed study another name (name: in the file)")
+        theirs = attrs.get("identity")
+        if theirs is None:  # started before studies recorded it
+            return study
+        differ = sorted(k for k in {*theirs, *self.identity} if theirs.get(k) != self.identity.get(k))
+        if differ:
+            shown = "; ".join(f"{k}: study {theirs.get(k, '(unset)')}, this worker {self.identity.get(k, '(unset)')}"
+                              for k in differ[:5])
+            raise ConfigError(f"study {self.spec.name!r} was started with other settings ({shown}; started with "
+                              f"overrides {attrs.get('overrides') or 'none'}); run this worker with the same "
+                              "overrides, or give the study another name")
+        return study
 
     def _wait_ready(self, study: optuna.Study, timeout: float = 120) -> optuna.Study:
         deadline = time.monotonic() + timeout
