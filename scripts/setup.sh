@@ -7,10 +7,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+say() { echo "setup: $*" >&2; }
+[ -x .venv/bin/python ] || { say "creating .venv"; "$PYTHON" -m venv .venv; }
+say "upgrading pip"
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  say "installing torch 2.13.0 (CPU wheel; about a minute)"
   .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
 fi
+say "installing optstudy and its dependencies (Lightning, Hydra, Optuna, MLflow; about a minute the first time)"
 .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import torch, optstudy; print(f'optstudy {optstudy.__version__} ready: torch {torch.__version__}')"

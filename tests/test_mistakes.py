@@ -72,9 +72,12 @@ def test_a_finite_blow_up_is_a_divergence(tmp_path):
     proc, _, db = train_py("optimizer=sgd optimizer.lr=1e6 trainer.max_epochs=2", tmp_path)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr and "divergence.factor=100" in proc.stderr
+    assert "INFO" not in proc.stdout + proc.stderr  # MLflow's lines on creating a new store
     client = MlflowClient(f"sqlite:///{db}")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FAILED"
+    # the MLflow UI opens it on the runs table, as a training experiment, not on its GenAI overview
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert "over divergence.factor=100 times its first value" in run.data.tags["failure_reason"]
 
 

@@ -157,7 +157,7 @@ def test_default_store_is_sqlite_in_the_working_directory(monkeypatch, tmp_path,
     artifacts = tmp_path / "mlartifacts" / "local" / res.run_id / "artifacts"
     assert (artifacts / "eff_lr_heatmap.png").is_file()
     out = capsys.readouterr().out
-    assert f"run {res.run_id} 'adam lr=0.001 seed=0' finished in" in out
+    assert f"run {res.run_id} 'adam lr=0.001 seed=0' trained in" in out
     assert f"open it with: mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in out
 
 
@@ -174,4 +174,4 @@ def test_ddp_two_cpu_processes_identical_params_rank0_logs_once(mlflow_uri, tmp_
     assert history(client, run.info.run_id, "ddp/param_max_diff")[-1][1] == 0.0
     steps_per_epoch = math.ceil(math.ceil(1437 / 2) / 64)  # each rank sees half the data
     assert [s for s, _ in history(client, run.info.run_id, "val_loss")] == [steps_per_epoch, 2 * steps_per_epoch]
-    assert res.stdout.count("finished in") == 1  # only rank 0 prints the summary
+    assert res.stdout.count("trained in") == 1  # only rank 0 prints the summary

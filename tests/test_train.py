@@ -98,11 +98,15 @@ def test_an_unknown_trainer_key_is_named():
         run(cfg("+trainer.max_epoch=3"))
 
 
-def test_a_default_run_prints_one_line_per_epoch_and_a_summary(capsys):
-    run(cfg("trainer.max_epochs=2"))
-    out = capsys.readouterr().out.splitlines()
+def test_a_default_run_prints_one_line_per_epoch_and_a_summary(capsys, tmp_path):
+    run(cfg("trainer.max_epochs=2", f"checkpoint.dir={tmp_path / 'run'}"))
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
     assert out[0].startswith("epoch 1/2  step 23  ") and "val_acc" in out[0]
-    assert out[-1].startswith("run ") and "'adam lr=0.001 seed=0' finished in" in out[-1]
+    assert out[-1].startswith("run ") and "'adam lr=0.001 seed=0' trained in" in out[-1]
+    assert "since the process started" in out[-1]  # the training time alone looked like the whole command's
+    assert "INFO" not in captured.out + captured.err  # MLflow's start-up lines
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["last.ckpt"]
 
 
 def test_switching_optimizer_drops_hyperparameters_it_does_not_have(capsys):

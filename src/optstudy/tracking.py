@@ -24,6 +24,9 @@ from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
 DEFAULT_DB = "mlflow.db"
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, an assistant), with no parameter
+# or metric columns in the runs table; this kind opens it on the runs table, as a model-training experiment
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -64,6 +67,9 @@ def _quiet_mlflow():
     # thread kept a core busy and made training steps 5x slower through OpenMP contention. Off unless a user turns
     # it on explicitly.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # mlflow sets its loggers' level from this when imported (INFO otherwise: "Updating database tables" on a first
+    # run), after any setLevel of ours
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     # MLflow logs its database migrations and async-queue start at INFO; a training run should print its own lines
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -176,9 +182,12 @@ class MLflowLogger(Logger):
             return
         experiment = self._client.get_experiment_by_name(self.experiment_name)
         if experiment is None:
-            exp_id = self._client.create_experiment(self.experiment_name, artifact_location=self._artifacts())
+            exp_id = self._client.create_experiment(self.experiment_name, artifact_location=self._artifacts(),
+                                                    tags=dict([EXPERIMENT_KIND]))
         else:
             exp_id = experiment.experiment_id
+            if EXPERIMENT_KIND[0] not in experiment.tags:  # made by an older optstudy, or by hand
+                self._client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
         run = self._client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
         self._run_id = run.info.run_id
 

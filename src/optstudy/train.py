@@ -155,7 +155,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Result:
     timer = EpochTimer(print_lines=not kwargs["enable_progress_bar"])
     callbacks = [*recorders, timer, *(callbacks or [])]
     if cfg.checkpoint.enabled:
-        callbacks.append(pl.callbacks.ModelCheckpoint(out / "checkpoints", save_last=True))
+        # last.ckpt only: resuming needs the last state, and a "best" copy would double the disk per run
+        callbacks.append(pl.callbacks.ModelCheckpoint(out / "checkpoints", save_top_k=0, save_last=True))
     trainer = make_trainer(kwargs, logger=logger or False, callbacks=callbacks, default_root_dir=out,
                            enable_checkpointing=bool(cfg.checkpoint.enabled))
     module.tracking = {"run_id": logger.run_id if logger else None, "tracking_uri": logger.uri if logger else None}
@@ -173,11 +174,23 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Result:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     value = metrics[cfg.objective]
     if trainer.is_global_zero:
-        where = f"; open it with: {ui_command(logger.uri)}" if logger else ""
+        in_study = OmegaConf.select(cfg, "tags.optuna") is not None  # its worker prints where the runs are, once
+        where = f"; open it with: {ui_command(logger.uri)}" if logger and not in_study else ""
         run_id = f"run {logger.run_id} " if logger else ""
-        print(f"{run_id}'{run_name(cfg)}' finished in {time.perf_counter() - start:.1f}s: "
-              f"{cfg.objective} = {value:.6g}{where}", flush=True)
+        total = _process_seconds()
+        took = f"trained in {time.perf_counter() - start:.1f}s" + (
+            f", {total:.1f}s since the process started" if total is not None and not in_study else "")
+        print(f"{run_id}'{run_name(cfg)}' {took}: {cfg.objective} = {value:.6g}{where}", flush=True)
     return Result(value, metrics, logger and logger.run_id, logger and logger.uri, out, timer.seconds)
+
+
+def _process_seconds() -> float | None:
+    """Wall time since this process started (imports, data and tracking included), from Linux's /proc; else None."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # starttime, field 22
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def _resolved(cfg: DictConfig) -> dict:

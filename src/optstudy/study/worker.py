@@ -192,6 +192,12 @@ class Worker:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _terminated)  # scancel, pre-emption, docker stop: queue the trial again
         done = 0
+        uri = self.study.user_attrs.get("tracking_uri")
+        if uri:  # once per worker, not once per run
+            from optstudy.tracking import ui_command
+
+            print(f"study {self.spec.name}: runs in MLflow experiment {self.spec.name!r}; open it with: "
+                  f"{ui_command(uri)}", flush=True)
         while n_trials is None or done < n_trials:
             retry_dead_trials(self.study, self.storage)
             if hasattr(self.storage, "record_heartbeat"):  # a database storage with heartbeats
