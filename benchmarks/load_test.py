@@ -20,7 +20,6 @@ Exit status 1 when a must-be-zero count is not zero or the records disagree.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import random
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+import _cli  # benchmarks/_cli.py (a script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,12 +87,13 @@ def grid_done(name: str, storage: str, points: int) -> bool:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--points", type=int, default=240)
-    parser.add_argument("--kill-every", type=float, default=6.0)
-    parser.add_argument("--timeout", type=float, default=1500)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = _cli.parser(__doc__, "until every grid point is done (240 short trials over 4 workers with restarts; "
+                                  "not timed here at the defaults), at most --timeout")
+    parser.add_argument("--workers", type=int, default=4, help="worker processes kept running")
+    parser.add_argument("--points", type=int, default=240, help="grid points (trials) of the study")
+    parser.add_argument("--kill-every", type=float, default=6.0, help="mean seconds between kills")
+    parser.add_argument("--timeout", type=float, default=1500, help="seconds before giving up")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="optstudy-load-"))

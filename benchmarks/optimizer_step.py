@@ -45,6 +45,8 @@ from torch._dynamo.utils import counters
 
 import optstudy.optim as o
 
+import _cli  # benchmarks/_cli.py (a script's folder is on sys.path)
+
 COMPILED_MAX_RATIO = 1.5  # goal: compiled step within 1.5x of torch's fastest implementation
 REFERENCE_MIN_SPEEDUP = 8.0  # goal: adabound/amsbound compiled >= 8x faster than the reference code
 NOISY_SPREAD = 1.5  # flag a measurement whose slowest repeat is this much slower than its fastest
@@ -225,12 +227,14 @@ def goals(rows: list[dict]) -> list[tuple[bool, str]]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--names", default=",".join(o.NAMES), help="comma-separated optimizer names (default: all)")
+    parser = _cli.parser(__doc__, "about 1 minute (ResNet-18, all twelve optimizers, compiled kernels from "
+                                  "inductor's cache; add 1-2 minutes with --cold-cache)")
+    parser.add_argument("--names", default=",".join(o.NAMES), help="comma-separated optimizer names")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement; the median is reported")
     parser.add_argument("--steps", type=int, default=5, help="consecutive steps per timed run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first step")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"),
+                        help="parameter and state dtype")
     parser.add_argument("--cold-cache", action="store_true",
                         help="compile into an empty inductor cache, so 'first s' is the compile time on a new machine")
     args = parser.parse_args(argv)

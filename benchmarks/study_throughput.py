@@ -1,7 +1,7 @@
 """Trials per hour of a study on this machine, with 1 and 2 workers, and what a trial's time is spent on.
 
     python benchmarks/study_throughput.py [--study studies/lr_sensitivity.yaml] [--seconds 180] [--workers 1 2]
-                                          [OVERRIDE ...]
+                                          [-- OVERRIDE ...]
 
 For each worker count: a fresh journal file and MLflow SQLite store in a temporary directory, that many
 ``optstudy study run`` processes for ``--seconds``, then they are stopped. Reported per worker count:
@@ -14,7 +14,6 @@ For each worker count: a fresh journal file and MLflow SQLite store in a tempora
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import statistics
@@ -23,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import _cli  # benchmarks/_cli.py (a script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,11 +67,13 @@ def measure(study: Path, workers: int, seconds: float, extra: list[str]) -> dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--study", type=Path, default=ROOT / "studies" / "lr_sensitivity.yaml")
-    parser.add_argument("--seconds", type=float, default=180)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    args, extra = parser.parse_known_args()
+    parser = _cli.parser(__doc__, "--seconds per worker count plus ~15 s of start-up each: about 7 minutes",
+                         overrides=True)
+    parser.add_argument("--study", type=Path, default=ROOT / "studies" / "lr_sensitivity.yaml", help="the study file")
+    parser.add_argument("--seconds", type=float, default=180, help="how long each worker count runs")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure, in turn")
+    args = parser.parse_args()
+    extra = args.overrides
     print(f"# {args.study.name}, {args.seconds:.0f} s per worker count, overrides {extra or 'none'}; "
           f"{os.cpu_count()} CPUs", flush=True)
     print(f"{'workers':>7s} {'trials':>6s} {'trials/h':>9s} {'start s':>8s} {'trial s':>8s} {'train s':>8s} "
