@@ -130,6 +130,17 @@ def test_trajectory_of_a_surface(mlflow_uri, tmp_path):
     assert "trajectory.png" in {a.path for a in client.list_artifacts(res.run_id)}
 
 
+@pytest.mark.parametrize("model", ["beale", "counterexample"])
+def test_a_run_has_the_artifacts_the_readme_names(model, mlflow_uri):
+    """The README once promised ``trajectory.png`` for every synthetic problem; the counterexample wrote none."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = readme[readme.index("- **artifacts**"):].split("\n- ")[0]
+    named = set(re.findall(r"`([a-z_]+\.(?:yaml|npz|png|csv))`", line))
+    res = train(cfg("data=synthetic", "data.steps_per_epoch=10", f"model={model}", "trainer.max_epochs=1",
+                    "objective=x"))
+    assert {a.path for a in MlflowClient(mlflow_uri).list_artifacts(res.run_id)} == named
+
+
 def test_resume_continues_the_same_trajectory_and_run(mlflow_uri, tmp_path):
     straight = train(cfg("trainer.max_epochs=4", f"checkpoint.dir={tmp_path / 'a'}"))
     first = train(cfg("trainer.max_epochs=2", f"checkpoint.dir={tmp_path / 'b'}"))

@@ -101,7 +101,7 @@ class EpochTimer(pl.Callback):
 
 class Trajectory(pl.Callback):
     """An objective model's ``metrics()`` (e.g. the iterate x, y) at the start and after every step, saved as
-    ``trajectory.csv`` and, for 2-D surfaces, drawn on the contour plot (``trajectory.png``)."""
+    ``trajectory.csv`` and drawn as ``trajectory.png``: on the contour plot for 2-D surfaces, else over the steps."""
 
     def __init__(self):
         self.rows: list[dict] = []
@@ -118,15 +118,15 @@ class Trajectory(pl.Callback):
             return []
         import csv
 
-        from optstudy.plots import trajectory_plot
+        from optstudy.plots import iterate_plot, trajectory_plot
 
         table = directory / "trajectory.csv"
         with open(table, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
             writer.writeheader()
             writer.writerows(self.rows)
-        if not hasattr(model, "surface"):
-            return [table]
+        if not hasattr(model, "surface"):  # 1-D or many dimensions: the metrics over the steps
+            return [table, iterate_plot(self.rows, label, directory / "trajectory.png")]
         path = [(r["x"], r["y"]) for r in self.rows]
         return [table, trajectory_plot(model, {label: path}, directory / "trajectory.png")]
 

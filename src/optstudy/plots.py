@@ -43,3 +43,23 @@ def trajectory_plot(model, paths: dict, path, *, resolution: int = 300):
     fig.tight_layout()
     fig.savefig(path, format="png")
     return path
+
+
+def iterate_plot(rows: list[dict], label: str, path):
+    """Every metric of a synthetic problem without a 2-D surface (the counterexample's ``x``, the noisy quadratic's
+    loss, ...) against the step, one panel each; saved as a PNG at ``path``, which is returned."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keys = [k for k in rows[0] if k != "step"]
+    fig = Figure(figsize=(6, 2.2 * len(keys)), dpi=100)
+    FigureCanvasAgg(fig)
+    steps = [r["step"] for r in rows]
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(len(keys), 1, i + 1)
+        ax.plot(steps, [r[key] for r in rows], lw=1.2, label=label)
+        ax.set(ylabel=key, xlabel="step" if i == len(keys) - 1 else None)
+        ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
