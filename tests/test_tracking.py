@@ -130,6 +130,22 @@ def test_trajectory_of_a_surface(mlflow_uri, tmp_path):
     assert "trajectory.png" in {a.path for a in client.list_artifacts(res.run_id)}
 
 
+def test_every_curve_is_labelled_with_the_update_it_belongs_to(mlflow_uri):
+    """bound/g0/upper at step 9 used to belong to t = 10 while eff_lr at step 1 belonged to t = 1: the clipped
+    effective lrs sat above the bound drawn at their step."""
+    res = train(cfg("optimizer=adabound", "optimizer.lr=0.01", "trainer.max_epochs=1", "trainer.log_every_n_steps=1",
+                    "logger.eff_lr_every_n_steps=5"))
+    client = MlflowClient(mlflow_uri)
+    upper = dict(history(client, res.run_id, "bound/g0/upper"))
+    lower = dict(history(client, res.run_id, "bound/g0/lower"))
+    assert min(upper) == 1 and upper[1] == pytest.approx(0.1 * (1 + 1 / 1e-3))  # hyperbolic, gamma 1e-3, t = 1
+    assert min(dict(history(client, res.run_id, "train_loss"))) == 1
+    for step, log_max in history(client, res.run_id, "eff_lr/g0/max"):
+        assert 10**log_max <= upper[step] * (1 + 1e-6), step
+    for step, log_min in history(client, res.run_id, "eff_lr/g0/min"):
+        assert 10**log_min >= lower[step] * (1 - 1e-6), step
+
+
 @pytest.mark.parametrize("model", ["beale", "counterexample"])
 def test_a_run_has_the_artifacts_the_readme_names(model, mlflow_uri):
     """The README once promised ``trajectory.png`` for every synthetic problem; the counterexample wrote none."""

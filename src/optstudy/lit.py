@@ -169,11 +169,13 @@ class Task(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.model(batch) if self.task == "objective" else self._logits_loss(batch)[2]
-        self._check_divergence(loss.item())
-        self.log("train_loss", loss, prog_bar=True)
-        if self.logger is not None and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            # directly, at full precision: Lightning's self.log would round lrs and bounds to float32
-            self.logger.log_metrics(self._schedule_metrics(), self.global_step)
+        value = loss.item()
+        self._check_divergence(value)
+        self.log("train_loss", loss, prog_bar=True, logger=False)  # the progress bar and callbacks
+        t = self.global_step + 1  # the update this batch makes: every curve's step is its t (see the README)
+        if self.logger is not None and t % self.trainer.log_every_n_steps == 0:
+            # directly, at full precision (Lightning's self.log rounds to float32) and at t, not Lightning's t - 1
+            self.logger.log_metrics({"train_loss": value, **self._schedule_metrics(t)}, t)
         return loss
 
     def _check_divergence(self, value: float) -> None:
@@ -203,13 +205,14 @@ class Task(pl.LightningModule):
         if self.logger is not None and self.global_step % self.trainer.log_every_n_steps == 0:
             self.logger.log_metrics(metrics, self.global_step)
 
-    def _schedule_metrics(self) -> dict[str, float]:
+    def _schedule_metrics(self, t: int) -> dict[str, float]:
+        """The lr and (AdaBound) bounds that update ``t`` uses."""
         opt = self.optimizers().optimizer
         out = {}
         for i, group in enumerate(opt.param_groups):
-            out[f"lr/g{i}"] = group["lr"]
+            out[f"lr/g{i}"] = float(group["lr"])
             if hasattr(opt, "bounds"):
-                out[f"bound/g{i}/lower"], out[f"bound/g{i}/upper"] = opt.bounds(group, self.global_step + 1)
+                out[f"bound/g{i}/lower"], out[f"bound/g{i}/upper"] = map(float, opt.bounds(group, t))
         return out
 
     def optimizer_step(self, *args, **kwargs):
