@@ -236,7 +236,7 @@ def test_final_effective_lr_distributions(report):
     csv = pd.read_csv(report.parent / "eff_lr_final.csv")
     assert set(csv["optimizer"]) == {"adam", "momentum"}
     assert csv.groupby("optimizer")["fraction"].sum().to_numpy() == pytest.approx([1, 1])
-    assert (csv["step"] == 45).all()  # recorded after step 1 and every 5th: the last of 46 steps is 45
+    assert (csv["step"] == 46).all()  # recorded after step 1, every 5th and the last: the last of 46 steps
 
 
 def test_page_is_self_contained(report):

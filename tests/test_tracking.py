@@ -59,8 +59,8 @@ def test_curves(adam_run, mlflow_uri):
     acc = history(client, adam_run.run_id, "val_acc")
     assert len(acc) == 2 and 0.5 < acc[-1][1] <= 1
     train_loss = history(client, adam_run.run_id, "train_loss")
-    # log_every_n_steps=10: the loss of the 10th batch is measured after 9 steps
-    assert [s for s, _ in train_loss] == list(range(9, 2 * steps_per_epoch, 10))
+    # log_every_n_steps=10: the loss of the 10th batch, which update t = 10 steps on, at step 10
+    assert [s for s, _ in train_loss] == list(range(10, 2 * steps_per_epoch + 1, 10))
     assert {v for _, v in history(client, adam_run.run_id, "lr/g0")} == {0.001}
 
 
@@ -68,7 +68,7 @@ def test_effective_lr_metrics_are_ordered_quantiles(adam_run, mlflow_uri):
     client = MlflowClient(mlflow_uri)
     names = ["min", "p1", "p5", "p25", "p50", "p75", "p95", "p99", "max"]
     curves = {n: history(client, adam_run.run_id, f"eff_lr/g0/{n}") for n in names}
-    assert [s for s, _ in curves["p50"]] == [1, *range(5, 47, 5)]  # after the first step, then every 5
+    assert [s for s, _ in curves["p50"]] == [1, *range(5, 47, 5), 46]  # the first update, every 5, the last
     for i in range(len(curves["p50"])):
         values = [curves[n][i][1] for n in names]
         assert values == sorted(values)
@@ -98,11 +98,11 @@ def test_adabound_logs_its_bounds_and_clipped_fractions(mlflow_uri):
     res = train(cfg("optimizer=adabound", "trainer.max_epochs=1", "logger.eff_lr_every_n_steps=5"))
     client = MlflowClient(mlflow_uri)
     lower, upper = (dict(history(client, res.run_id, f"bound/g0/{k}")) for k in ("lower", "upper"))
-    for t in (10, 20):  # hyperbolic schedule, final_lr 0.1, gamma 1e-3; logged at step t-1: the bounds of step t
-        assert lower[t - 1] == pytest.approx(0.1 * (1 - 1 / (1e-3 * t + 1)), rel=1e-6)
-        assert upper[t - 1] == pytest.approx(0.1 * (1 + 1 / (1e-3 * t)), rel=1e-6)
-    top = dict(history(client, res.run_id, "eff_lr/g0/max"))  # after step t
-    assert top[20] <= math.log10(upper[19]) + 1e-6  # no element's step exceeds the upper bound
+    for t in (10, 20):  # hyperbolic schedule, final_lr 0.1, gamma 1e-3; at step t: the bounds update t uses
+        assert lower[t] == pytest.approx(0.1 * (1 - 1 / (1e-3 * t + 1)), rel=1e-6)
+        assert upper[t] == pytest.approx(0.1 * (1 + 1 / (1e-3 * t)), rel=1e-6)
+    top = dict(history(client, res.run_id, "eff_lr/g0/max"))  # of update t
+    assert top[20] <= math.log10(upper[20]) + 1e-6  # no element's step exceeds the upper bound
     clipped = dict(history(client, res.run_id, "eff_lr/g0/clipped_upper"))
     assert 0 < clipped[20] < 1  # the blank pixels' huge Adam rates are cut
 
@@ -144,6 +144,16 @@ def test_every_curve_is_labelled_with_the_update_it_belongs_to(mlflow_uri):
         assert 10**log_max <= upper[step] * (1 + 1e-6), step
     for step, log_min in history(client, res.run_id, "eff_lr/g0/min"):
         assert 10**log_min >= lower[step] * (1 - 1e-6), step
+
+
+def test_the_eff_lr_record_ends_at_the_last_update_and_keeps_adabound_s_bounds(mlflow_uri, tmp_path):
+    """A short run's last record was mid-training (step 25 of 46), and the heatmap had no bounds to compare with."""
+    res = train(cfg("optimizer=adabound", "trainer.max_epochs=2"))  # 23 updates an epoch, records every 25
+    client = MlflowClient(mlflow_uri)
+    arrays = np.load(client.download_artifacts(res.run_id, "eff_lr_histograms.npz", str(tmp_path)))
+    assert list(arrays["steps"]) == [1, 25, 46]
+    assert arrays["bounds"].shape == (3, 1, 2)
+    assert arrays["bounds"][0, 0, 1] == pytest.approx(0.1 * (1 + 1 / 1e-3))  # upper(1), hyperbolic, gamma 1e-3
 
 
 @pytest.mark.parametrize("model", ["beale", "counterexample"])

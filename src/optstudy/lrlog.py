@@ -40,17 +40,29 @@ class EffectiveLR(Callback):
         self.every, self.bins, self.low, self.high = every, bins, low, high
         self.steps: list[int] = []
         self.records: list = []  # LRHistogram per recorded step
+        self.bounds: list = []  # per recorded step: [[lower, upper] per group], for AdaBound/AMSBound
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        step = trainer.global_step  # already counts the step just taken
-        if not trainer.is_global_zero or (step % self.every and step != 1):
-            return
-        hist = lr_histogram(trainer.optimizers[0], self.bins, self.low, self.high)
+        step = trainer.global_step  # already counts the step just taken: the t of the update it describes
+        if trainer.is_global_zero and (step % self.every == 0 or step == 1):
+            self._record(trainer, step)
+
+    def on_train_end(self, trainer, module):
+        # the last update too: a short run's last record was otherwise mid-training (step 25 of 46)
+        step = trainer.global_step
+        if trainer.is_global_zero and step > 0 and (not self.steps or self.steps[-1] != step):
+            self._record(trainer, step)
+
+    def _record(self, trainer, step: int) -> None:
+        opt = trainer.optimizers[0]
+        hist = lr_histogram(opt, self.bins, self.low, self.high)
         metrics = {f"eff_lr/g{g}/{k}": v for g in range(hist.counts.shape[0]) for k, v in summary(hist, g).items()}
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step)
         self.steps.append(step)
         self.records.append(hist)
+        if hasattr(opt, "bounds"):  # AdaBound's (lower, upper) of this update, per group, to draw on the heatmap
+            self.bounds.append([[float(b) for b in opt.bounds(g, step)] for g in opt.param_groups])
 
     def save(self, directory: Path, model=None, title: str = "") -> list[Path]:
         """Writes the npz and the heatmap into ``directory``; returns their paths (none if nothing was recorded)."""
@@ -64,6 +76,8 @@ class EffectiveLR(Callback):
         if self.records[0].clipped_lower is not None:
             arrays["clipped"] = torch.stack([torch.stack([h.clipped_lower, h.clipped_upper], -1)
                                              for h in self.records]).numpy()  # (records, groups, 2)
+        if self.bounds:
+            arrays["bounds"] = np.array(self.bounds)  # (records, groups, 2): lower, upper
         data = directory / "eff_lr_histograms.npz"
         np.savez_compressed(data, **arrays)
         image = heatmap(arrays, directory / "eff_lr_heatmap.png", title)
@@ -71,7 +85,8 @@ class EffectiveLR(Callback):
 
 
 def heatmap(arrays: dict, path: Path, title: str = "") -> Path:
-    """Training step (x) by log10 effective lr (y), colour = fraction of elements (log scale), median in red."""
+    """Training step (x) by log10 effective lr (y), colour = fraction of elements (log scale), median in red and, for
+    AdaBound/AMSBound, the bounds in white."""
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
@@ -88,6 +103,15 @@ def heatmap(arrays: dict, path: Path, title: str = "") -> Path:
     median = [centers[min(np.searchsorted(np.cumsum(f), 0.5), len(f) - 1)] for f in frac]
     ax.plot(steps, median, color="orangered", lw=1.2, label="median")
     lo, hi = _used_range(counts, edges)
+    if "bounds" in arrays:  # AdaBound's clip range (group 0), where it is finite, and the range widened to show it
+        with np.errstate(divide="ignore"):
+            bounds = np.log10(arrays["bounds"][:, 0, :])
+        for i, (name, style) in enumerate([("lower bound", "--"), ("upper bound", ":")]):
+            ok = np.isfinite(bounds[:, i])
+            if ok.any():
+                ax.plot(steps[ok], bounds[ok, i], color="deeppink", ls=style, lw=1.4, label=name)
+                lo = max(edges[0], min(lo, bounds[ok, i].min() - 0.5))
+                hi = min(edges[-1], max(hi, bounds[ok, i].max() + 0.5))
     ax.set(ylim=(lo, hi), xlabel="training step", ylabel="log10 effective learning rate",
            title=title or "effective learning rates")
     ax.legend(loc="upper right", fontsize=8)
