@@ -156,6 +156,13 @@ def test_the_eff_lr_record_ends_at_the_last_update_and_keeps_adabound_s_bounds(m
     assert arrays["bounds"][0, 0, 1] == pytest.approx(0.1 * (1 + 1 / 1e-3))  # upper(1), hyperbolic, gamma 1e-3
 
 
+def test_two_runs_of_one_command_get_names_told_apart(mlflow_uri, capsys):
+    names = [train(cfg("trainer.max_epochs=1", "logger.experiment=twice")).run_id for _ in range(2)]
+    client = MlflowClient(mlflow_uri)
+    assert [client.get_run(r).info.run_name for r in names] == ["adam lr=0.001 seed=0", "adam lr=0.001 seed=0 (2)"]
+    assert "'adam lr=0.001 seed=0 (2)' trained in" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("model", ["beale", "counterexample"])
 def test_a_run_has_the_artifacts_the_readme_names(model, mlflow_uri):
     """The README once promised ``trajectory.png`` for every synthetic problem; the counterexample wrote none."""

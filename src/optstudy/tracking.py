@@ -188,8 +188,23 @@ class MLflowLogger(Logger):
             exp_id = experiment.experiment_id
             if EXPERIMENT_KIND[0] not in experiment.tags:  # made by an older optstudy, or by hand
                 self._client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+        self.run_name = self._unique_name(exp_id)
         run = self._client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
         self._run_id = run.info.run_id
+
+    def _unique_name(self, exp_id: str) -> str | None:
+        """The run name, with `` (2)``, `` (3)``, ... when the experiment has it already: two runs of one command
+        were indistinguishable in the UI's legends."""
+        if not self.run_name:
+            return self.run_name
+        quoted = self.run_name.replace("'", "\\'")
+        taken = {r.info.run_name for r in self._client.search_runs(
+            [exp_id], filter_string=f"attributes.run_name LIKE '{quoted}%'", max_results=50000)}
+        name, k = self.run_name, 1
+        while name in taken:
+            k += 1
+            name = f"{self.run_name} ({k})"
+        return name
 
     def _artifacts(self) -> str | None:
         # MLflow's default for a SQLite store is ./mlruns relative to wherever the process runs; keep the

@@ -180,7 +180,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Result:
         total = _process_seconds() if Path(sys.argv[0]).name == "train.py" else None  # a library caller's is its own
         took = f"trained in {time.perf_counter() - start:.1f}s" + (
             f", {total:.1f}s since the process started" if total is not None and not in_study else "")
-        print(f"{run_id}'{run_name(cfg)}' {took}: {cfg.objective} = {value:.6g}{where}", flush=True)
+        print(f"{run_id}'{logger.run_name if logger else run_name(cfg)}' {took}: {cfg.objective} = {value:.6g}"
+              f"{where}", flush=True)
     return Result(value, metrics, logger and logger.run_id, logger and logger.uri, out, timer.seconds)
 
 
