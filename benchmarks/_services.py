@@ -17,9 +17,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def mlflow_server(backend: str, artifacts: Path, workers: int = 1) -> tuple[subprocess.Popen, str]:
-    """Starts ``mlflow server`` (served artifacts in ``artifacts``) and returns it with its URL once /health answers."""
-    port = free_port()
+def mlflow_server(backend: str, artifacts: Path, workers: int = 1, port: int | None = None
+                  ) -> tuple[subprocess.Popen, str]:
+    """Starts ``mlflow server`` (served artifacts in ``artifacts``) and returns it with its URL once /health answers;
+    ``port``: a given one (a server restarted where its clients expect it), else a free one."""
+    port = port or free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri",
          backend, "--artifacts-destination", str(artifacts), "--serve-artifacts", "--workers", str(workers)],

@@ -682,7 +682,8 @@ def bias(args) -> dict:
                 recorder = Recorder()
                 cfg = compose("experiment=digits_mlp", f"optimizer.lr={lr}", f"optimizer.betas=[{b1},{b2}]",
                               f"optimizer.bias_correction={str(correction).lower()}",
-                              f"trainer.max_epochs={args.epochs}")
+                              f"trainer.max_epochs={args.epochs}",
+                              "divergence.factor=null")  # the early blow-up is what is reproduced; NaN still stops
                 _, failed = train(cfg, [recorder])
                 val = recorder.val_loss + [float("inf")] * (args.epochs - len(recorder.val_loss))
                 first = recorder.train_loss[: args.early_steps]

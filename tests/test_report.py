@@ -410,3 +410,16 @@ def test_lr_curve_takes_the_best_configuration_at_each_lr(sign):
     assert list(curve["lr"]) == [0.01, 0.1]
     assert list(curve["mean"]) == [6.0, 2.0 if sign == 1 else 4.0]
     assert list(curve["min"]) == [5.0, 1.0 if sign == 1 else 4.0]
+
+
+def test_a_non_grid_lr_curve_keeps_the_best_configuration_of_each_lr_bin():
+    """TPE gives every trial its own lr: the line used to zig-zag through configurations that differ in their other
+    hyperparameters (a spike to 1.51 from one final_lr=0.004 trial between two good ones)."""
+    lrs = [0.0010, 0.0011, 0.0012, 0.010, 0.011]
+    values = [0.50, 1.51, 0.48, 0.40, 0.90]  # 1.51: a bad final_lr beside good ones in the same quarter decade
+    seeds = pd.DataFrame({"trial": range(5), "optimizer": "adabound", "config": list("abcde"), "value": values,
+                          "run_id": None, "params_lr": lrs, "params_final_lr": [0.1, 0.004, 0.1, 0.1, 0.004]})
+    configs = configurations(seeds, 1.0)
+    assert list(lr_curve(configs, 1.0)["mean"]) == values  # per distinct lr: every trial, the spike included
+    binned = lr_curve(configs, 1.0, binned=True)
+    assert list(binned["lr"]) == [0.0012, 0.010] and list(binned["mean"]) == [0.48, 0.40]

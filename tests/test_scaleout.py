@@ -489,7 +489,9 @@ def test_the_stack_runs_natively(tmp_path, postgres_url, postgres_db_url):
     study_file = tmp_path / f"{name}.yaml"
     study_file.write_text(yaml.safe_dump({
         "name": name, "n_trials": n_trials, "seeds": [0], "sampler": {"name": "random", "seed": 0},
-        "pruner": {"name": "none"}, "overrides": ["trainer.max_epochs=1"],
+        # 30 epochs (~2 s a trial): long enough for the task to be signalled mid-trial; every worker, requeued or
+        # joining from compose, has the same settings (a study refuses workers with others)
+        "pruner": {"name": "none"}, "overrides": ["trainer.max_epochs=30"],
         "optimizers": {"adam": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}}}))
     storage = postgres_db_url  # a fresh database: the schema step below creates Optuna's tables
     mlflow_db = os.environ.get(MLFLOW_DB_ENV) or make_url(postgres_url).set(database="mlflow").render_as_string(
@@ -543,7 +545,7 @@ def test_the_stack_runs_natively(tmp_path, postgres_url, postgres_db_url):
                      "SLURM_CPUS_PER_TASK": "1", "SLURM_JOB_NAME": "optstudy-worker",
                      "PATH": f"{fake_bin}:{os.environ['PATH']}"}
         # heartbeats every second (grace 2 s) instead of 30 s, so that a dead trial is noticed within the test
-        task, task_log = start(["bash", str(SLURM), str(study_file), "--heartbeat", "1", "trainer.max_epochs=30"],
+        task, task_log = start(["bash", str(SLURM), str(study_file), "--heartbeat", "1"],
                                "slurm-4240_2", slurm_env)
         running = None
         deadline = time.monotonic() + 180

@@ -183,11 +183,13 @@ def _kill_first_running_trial(proc, name, storage, timeout=300):
 
 @pytest.mark.slow
 def test_a_killed_workers_trial_is_retried_journal(tmp_path, mlflow_uri):
-    path = study_file(tmp_path, "killed", n_trials=2, overrides=["trainer.max_epochs=300"], enqueue_defaults=False)
+    # 60 epochs (~4 s): long enough to be killed mid-trial; the next worker has the same settings (the study's
+    # identity: one with other overrides is refused)
+    path = study_file(tmp_path, "killed", n_trials=2, overrides=["trainer.max_epochs=60"], enqueue_defaults=False)
     storage = str(tmp_path / "killed.journal")
     _kill_first_running_trial(worker(path, storage), "killed", storage)
     [dead] = trials("killed", storage, (TrialState.RUNNING,))
-    finish(worker(path, storage, "trainer.max_epochs=2"))
+    finish(worker(path, storage))
     dead = trials("killed", storage)[dead.number]
     assert dead.state == TrialState.FAIL and "died" in dead.user_attrs["fail_reason"]
     retry = [t for t in trials("killed", storage) if t.user_attrs.get("retry_of") == dead.number]
@@ -198,11 +200,11 @@ def test_a_killed_workers_trial_is_retried_journal(tmp_path, mlflow_uri):
 @pytest.mark.slow
 def test_postgres_two_workers_and_a_killed_one_retried_by_heartbeat(tmp_path, mlflow_uri, postgres_url):
     name = f"pg{os.getpid()}{int(time.time())}"
-    path = study_file(tmp_path, name, n_trials=4, overrides=["trainer.max_epochs=300"], enqueue_defaults=False)
+    path = study_file(tmp_path, name, n_trials=4, overrides=["trainer.max_epochs=60"], enqueue_defaults=False)
     killed = worker(path, postgres_url, "--heartbeat", "1")
     _kill_first_running_trial(killed, name, postgres_url)
     time.sleep(3)  # past the grace period (2 heartbeats)
-    procs = [worker(path, postgres_url, "--heartbeat", "1", "trainer.max_epochs=2") for _ in range(2)]
+    procs = [worker(path, postgres_url, "--heartbeat", "1") for _ in range(2)]
     for p in procs:
         finish(p)
     every = trials(name, postgres_url)
@@ -256,7 +258,7 @@ def test_report_command_writes_the_page_and_logs_it_to_the_parent_run(tmp_path, 
 
 @pytest.mark.slow
 def test_a_terminated_workers_trial_is_queued_again(tmp_path, mlflow_uri):
-    path = study_file(tmp_path, "term", n_trials=1, overrides=["trainer.max_epochs=300"], enqueue_defaults=False)
+    path = study_file(tmp_path, "term", n_trials=1, overrides=["trainer.max_epochs=60"], enqueue_defaults=False)
     storage = str(tmp_path / "term.journal")
     proc = worker(path, storage)
     deadline = time.monotonic() + 300
@@ -268,7 +270,7 @@ def test_a_terminated_workers_trial_is_queued_again(tmp_path, mlflow_uri):
     [stopped, queued] = trials("term", storage)
     assert stopped.state == TrialState.FAIL and "worker stopped" in stopped.user_attrs["fail_reason"]
     assert queued.state == TrialState.WAITING and queued.user_attrs["retry_of"] == stopped.number
-    finish(worker(path, storage, "trainer.max_epochs=2"))
+    finish(worker(path, storage))
     assert trials("term", storage)[queued.number].state == TrialState.COMPLETE
     assert trials("term", storage)[queued.number].params == stopped.params
 

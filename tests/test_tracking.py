@@ -35,7 +35,9 @@ def history(client, run_id, key):
 def adam_run(tmp_path_factory, mlflow_uri):
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri  # module-scoped: the autouse fixture is per test
     os.chdir(tmp_path_factory.mktemp("adam"))
-    return train(cfg("trainer.max_epochs=2", "logger.eff_lr_every_n_steps=5", "+tags.study=s1"))
+    # an experiment of its own: the name of a repeat in one experiment gets " (2)"
+    return train(cfg("trainer.max_epochs=2", "logger.eff_lr_every_n_steps=5", "+tags.study=s1",
+                     "logger.experiment=tracking-adam"))
 
 
 def test_params_tags_name_and_status(adam_run, mlflow_uri):

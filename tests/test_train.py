@@ -100,7 +100,7 @@ def test_an_unknown_trainer_key_is_named():
 
 
 def test_a_default_run_prints_one_line_per_epoch_and_a_summary(capsys, tmp_path):
-    run(cfg("trainer.max_epochs=2", f"checkpoint.dir={tmp_path / 'run'}"))
+    run(cfg("trainer.max_epochs=2", f"checkpoint.dir={tmp_path / 'run'}", "logger.experiment=summary"))
     captured = capsys.readouterr()
     out = captured.out.splitlines()
     assert out[0].startswith("epoch 1/2  step 23  ") and "val_acc" in out[0]

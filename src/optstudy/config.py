@@ -142,6 +142,9 @@ def validate(cfg: DictConfig, overrides: list[str] = ()) -> None:
         _integer(cfg, "trainer.max_epochs", 0)
     if OmegaConf.select(cfg, "logger.eff_lr_every_n_steps") is not None:
         _integer(cfg, "logger.eff_lr_every_n_steps", 1)
+    wait = OmegaConf.select(cfg, "logger.outage_wait")
+    if wait is not None and not (isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait >= 0):
+        raise ConfigError(f"logger.outage_wait must be a number of seconds >= 0, got {wait!r}")
     factor = OmegaConf.select(cfg, "divergence.factor")
     if factor is not None and not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 1):
         raise ConfigError(f"divergence.factor must be a number > 1 or null (NaN/inf only), got {factor!r}")

@@ -11,6 +11,7 @@ refuses a ``./mlruns`` file store); artifacts of that local store go to ``mlarti
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -22,6 +23,8 @@ from pathlib import Path
 
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
+
+from optstudy.errors import OptstudyError
 
 DEFAULT_DB = "mlflow.db"
 # MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, an assistant), with no parameter
@@ -67,6 +70,10 @@ def _quiet_mlflow():
     # thread kept a core busy and made training steps 5x slower through OpenMP contention. Off unless a user turns
     # it on explicitly.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # one quick retry per request: the sender retries a batch itself for as long as an outage may last, where
+    # MLflow's default (7 retries, backoff factor 2, 120 s timeout) stalled a call for minutes
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     # mlflow sets its loggers' level from this when imported (INFO otherwise: "Updating database tables" on a first
     # run), after any setLevel of ours
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -76,12 +83,31 @@ def _quiet_mlflow():
     warnings.filterwarnings("ignore", message=r"The ``noload`` loader strategy is deprecated")
 
 
+class TrackingUnavailable(OptstudyError):
+    """The tracking server stayed unreachable until ``outage_wait`` seconds after the end of a run."""
+
+    exit_code = 4
+
+
+# MLflow's error codes for a request that is wrong, not a server that is away: retrying cannot help
+PERMANENT = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE",
+             "PERMISSION_DENIED", "UNAUTHENTICATED"}
+
+
+def transient(exc: BaseException) -> bool:
+    return getattr(exc, "error_code", None) not in PERMANENT
+
+
 class MLflowLogger(Logger):
     """A Lightning logger writing to one MLflow run, created on first use on rank 0 (or reopened: ``run_id``)."""
 
     def __init__(self, uri: str, experiment: str, run_name: str | None = None, tags: dict | None = None,
-                 run_id: str | None = None, flush_every: int = 500, flush_seconds: float = 5.0):
+                 run_id: str | None = None, flush_every: int = 500, flush_seconds: float = 5.0,
+                 outage_wait: float = 60.0):
         super().__init__()
+        # the server may go away during a run: metrics wait in the sender and go when it is back; the end of the run
+        # waits this long for it, then keeps what is undelivered in a file (close's ``spill``)
+        self.outage_wait = outage_wait
         self.uri, self.experiment_name, self.run_name = uri, experiment, run_name
         self.tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
         self._run_id, self._client = run_id, None
@@ -149,8 +175,8 @@ class MLflowLogger(Logger):
                 self._sender.send(batch[i:i + 1000])
         self._last_flush = time.monotonic()
         if wait and self._sender is not None:
-            self._sender.stop()
-            self._sender = None
+            sender, self._sender = self._sender, None
+            sender.stop(self.outage_wait)
 
     @rank_zero_only
     def set_tags(self, tags: dict) -> None:
@@ -163,14 +189,29 @@ class MLflowLogger(Logger):
         self.experiment.log_artifact(self.run_id, str(path), artifact_path)
 
     @rank_zero_only
-    def close(self, status: str = "FINISHED", reason: str | None = None) -> None:
-        """Writes what is buffered and ends the run; a failed run keeps its curves and gets the reason as a tag."""
+    def close(self, status: str = "FINISHED", reason: str | None = None, artifacts=(), spill: Path | None = None):
+        """Writes what is buffered, uploads ``artifacts`` and ends the run; a failed run keeps its curves and gets
+        the reason as a tag. A server still away ``outage_wait`` s after the first failed try: the undelivered
+        metrics go to ``spill`` (JSON lines) and ``TrackingUnavailable`` says where; the run stays RUNNING there."""
         if self._client is None:
             return
-        self.flush(wait=True)
+        try:
+            self.flush(wait=True)
+        except TrackingUnavailable as exc:
+            if spill is not None:
+                with open(spill, "w") as f:
+                    for m in exc.args[1]:
+                        f.write(json.dumps({"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp})
+                                + "\n")
+            where = f"kept in {spill}" if spill is not None else "lost"
+            raise TrackingUnavailable(f"{exc.args[0]}; its {len(exc.args[1])} undelivered metric values are "
+                                      f"{where}, and MLflow run {self._run_id} stays RUNNING") from None
+        deadline = time.monotonic() + self.outage_wait
+        for path in artifacts:
+            _retrying(deadline, self.experiment.log_artifact, self.run_id, str(path))
         if reason:
-            self.set_tags({"failure_reason": reason[:5000]})
-        self._client.set_terminated(self._run_id, status=status)
+            _retrying(deadline, self.set_tags, {"failure_reason": reason[:5000]})
+        _retrying(deadline, self._client.set_terminated, self._run_id, status=status)
 
     def _start(self) -> None:
         _quiet_mlflow()
@@ -227,23 +268,64 @@ class Sender:
         self.client, self.run_id = client, run_id
         self.queue: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
+        self.deadline: float | None = None  # set by stop(): when to give up on a server that is away
+        self.undelivered: list = []
+        self.outage: str | None = None  # the last transient failure, while it lasts
         self.thread = threading.Thread(target=self._loop, name="optstudy-mlflow-sender", daemon=True)
         self.thread.start()
 
     def send(self, metrics: list) -> None:
         self.queue.put(metrics)
 
-    def stop(self) -> None:
-        """Writes what is queued, ends the thread, and raises the first error it met."""
+    def stop(self, wait: float = 60.0) -> None:
+        """Writes what is queued, waiting up to ``wait`` s for a server that is away, and ends the thread. Raises
+        the first permanent error it met, or ``TrackingUnavailable(message, undelivered metrics)``."""
+        self.deadline = time.monotonic() + wait
         self.queue.put(None)
         self.thread.join()
         if self.error is not None:
             raise self.error
+        if self.undelivered:
+            raise TrackingUnavailable(f"the tracking server did not answer for {wait:g} s after the run ended "
+                                      f"({self.outage})", self.undelivered)
 
     def _loop(self) -> None:
         while (batch := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.client.log_batch(self.run_id, metrics=batch)
-                except Exception as exc:  # kept for stop(): a failure must not pass silently
+            if self.error is None and not self.undelivered:
+                self._deliver(batch)
+            else:  # given up: keep the rest in order for the spill file
+                self.undelivered += batch
+
+    def _deliver(self, batch: list) -> None:
+        delay = 0.25
+        while True:
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+                self.outage = None
+                return
+            except Exception as exc:  # kept for stop(): a failure must not pass silently
+                if not transient(exc):
                     self.error = exc
+                    return
+                self.outage = f"{type(exc).__name__}: {str(exc)[:200]}"
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    self.undelivered += batch
+                    return
+                time.sleep(delay)  # training goes on meanwhile; the batches after this one wait in the queue
+                delay = min(2 * delay, 5.0)
+
+
+def _retrying(deadline: float, call, *args, **kwargs):
+    """``call`` retried while the server is away, until ``deadline`` (then ``TrackingUnavailable``)."""
+    delay = 0.25
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            if not transient(exc) or time.monotonic() > deadline:
+                if transient(exc):
+                    raise TrackingUnavailable(f"the tracking server did not answer ({type(exc).__name__}: "
+                                              f"{str(exc)[:200]})") from None
+                raise
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)

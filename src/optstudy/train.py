@@ -72,7 +72,7 @@ def make_logger(cfg: DictConfig, resume_run: str | None) -> MLflowLogger | None:
     tags = {"optimizer": cfg.optimizer.name, "model": cfg.model.name, "data": cfg.data.name,
             "mlflow.source.git.commit": git_commit(), **flatten(OmegaConf.to_container(cfg.tags, resolve=True))}
     return MLflowLogger(tracking_uri(cfg.logger.get("tracking_uri")), cfg.logger.experiment, run_name(cfg), tags,
-                        run_id=resume_run)
+                        run_id=resume_run, outage_wait=float(cfg.logger.get("outage_wait", 60)))
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict:
@@ -218,17 +218,16 @@ def _finish(trainer, logger, recorders, cfg, out: Path, exc: BaseException | Non
     paths = [out / "config.yaml"]
     for recorder in recorders:
         paths += recorder.save(out, trainer.lightning_module.model, run_name(cfg))
-    for path in paths:
-        logger.log_artifact(path)
+    keep = dict(artifacts=paths, spill=out / "undelivered_metrics.jsonl")  # the spill: if the server stays away
     if exc is None:
-        logger.close("FINISHED")
+        logger.close("FINISHED", **keep)
     elif isinstance(exc, KeyboardInterrupt):
-        logger.close("KILLED", "interrupted")
+        logger.close("KILLED", "interrupted", **keep)
     elif type(exc).__name__ == "TrialPruned":  # a study stopped this run early: not a failure
         logger.set_tags({"optuna.pruned": "true"})
-        logger.close("KILLED", f"pruned by the study at step {trainer.global_step}")
+        logger.close("KILLED", f"pruned by the study at step {trainer.global_step}", **keep)
     else:
-        logger.close("FAILED", str(exc) if isinstance(exc, Diverged) else f"{type(exc).__name__}: {exc}")
+        logger.close("FAILED", str(exc) if isinstance(exc, Diverged) else f"{type(exc).__name__}: {exc}", **keep)
 
 
 @rank_zero_only

@@ -64,10 +64,15 @@ def _param_panel(ax, seeds, configs, column, log, categorical, color):
     ax.errorbar(x_conf, mine["mean"], yerr=yerr, fmt="o", color=color, ms=5, capsize=3, lw=1)
 
 
-def lr_sensitivity(curve: pd.DataFrame, objective: str, color: dict[str, str]) -> str:
-    """DeepOBS' learning-rate sensitivity: per optimizer, the best mean objective at each lr, band min-max."""
+def lr_sensitivity(curve: pd.DataFrame, objective: str, color: dict[str, str], points: pd.DataFrame | None = None
+                   ) -> str:
+    """DeepOBS' learning-rate sensitivity: per optimizer, the best mean objective at each lr (or lr bin), band
+    min-max; ``points``: every configuration's mean (optimizer, lr, mean), drawn as dots under the lines."""
     fig = Figure(figsize=(8, 4.8), layout="constrained")
     ax = fig.add_subplot()
+    if points is not None:
+        for optimizer, rows in points.dropna(subset=["lr"]).groupby("optimizer", sort=False):
+            ax.scatter(rows["lr"], rows["mean"], s=9, alpha=0.35, color=color.get(optimizer, "k"), lw=0)
     for optimizer, rows in curve.groupby("optimizer", sort=False):
         rows = rows.sort_values("lr")
         c = color.get(optimizer, "k")

@@ -34,9 +34,10 @@ class Tables:
     seeds: pd.DataFrame  # one row per seed value of the used trials
     configs: pd.DataFrame  # one row per distinct configuration, best first per optimizer
     best: pd.DataFrame  # the best configuration of each optimizer
-    curve: pd.DataFrame  # best mean per optimizer and lr
+    curve: pd.DataFrame  # best mean per optimizer and lr (per lr bin when not a grid)
     kinds: dict[str, tuple[bool, bool]]  # parameter -> (log axis, categorical)
     colors: dict[str, str]
+    binned: bool = False  # not a grid study: the curve is per lr bin
 
 
 def tables(study: optuna.Study) -> Tables:
@@ -46,8 +47,9 @@ def tables(study: optuna.Study) -> Tables:
     optimizers = tr.optimizer_names(s, trials)
     configs = tr.configurations(seeds, s.sign, optimizers)
     kinds = {n: (tr.is_log(n, d), tr.is_categorical(n, d)) for n, d in tr.distributions(study).items()}
+    binned = (study.user_attrs.get("spec") or {}).get("sampler", {}).get("name") != "grid"
     return Tables(s, optimizers, trials, seeds, configs, tr.best_configurations(configs),
-                  tr.lr_curve(configs, s.sign), kinds, figures.colors(optimizers))
+                  tr.lr_curve(configs, s.sign, binned), kinds, figures.colors(optimizers), binned)
 
 
 def write(study: optuna.Study, out_dir: Path, tracking_uri: str | None = None) -> Path:
@@ -124,11 +126,19 @@ def hyperparameter_section(t: Tables) -> h.Section:
 def lr_section(t: Tables) -> h.Section:
     section = h.Section("lr-sensitivity", "3. Learning-rate sensitivity, all optimizers",
                         csvs={"lr_sensitivity.csv": _jsonable(t.curve)})
-    section.parts.append(h.para("For each optimizer and learning rate, the configuration with the best mean "
-                                "objective over seeds (its other hyperparameters at their best for that lr); the band "
-                                "is that configuration's min to max over seeds."))
+    if t.binned:
+        section.parts.append(h.para(
+            f"Not a grid study: every trial has its own lr, and neighbouring trials differ in their other "
+            f"hyperparameters too, so a line through all of them would join unrelated configurations. The line is the "
+            f"best configuration (mean objective over seeds) of each {tr.LR_BIN:g}-decade bin of lr, at its own lr; "
+            f"the band is its min to max over seeds; the dots are every configuration."))
+    else:
+        section.parts.append(h.para("For each optimizer and learning rate of the grid, the configuration with the best "
+                                    "mean objective over seeds (its other hyperparameters at their best for that lr); "
+                                    "the band is that configuration's min to max over seeds."))
     if len(t.curve):
-        section.parts.append(h.img(figures.lr_sensitivity(t.curve, t.settings.objective, t.colors),
+        points = t.configs.rename(columns={"params_lr": "lr"}) if t.binned else None
+        section.parts.append(h.img(figures.lr_sensitivity(t.curve, t.settings.objective, t.colors, points),
                                    "learning-rate sensitivity"))
     section.parts += [h.note(f"{o}: {_absent(t, o)}") for o in t.optimizers if o not in set(t.curve["optimizer"])]
     return section

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 import optuna
+import numpy as np
 import pandas as pd
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.study import StudyDirection
@@ -116,15 +117,25 @@ def best_configurations(configs: pd.DataFrame) -> pd.DataFrame:
     return configs.groupby("optimizer", sort=False).head(1).reset_index(drop=True)
 
 
-def lr_curve(configs: pd.DataFrame, sign: float) -> pd.DataFrame:
+LR_BIN = 0.25  # decades: the width of a non-grid study's lr bins
+
+
+def lr_curve(configs: pd.DataFrame, sign: float, binned: bool = False) -> pd.DataFrame:
     """Per optimizer and distinct lr, the configuration with the best mean: optimizer, lr, mean, min, max, config,
-    trials. The other hyperparameters are at their best for that lr (DeepOBS' learning-rate sensitivity)."""
+    trials. The other hyperparameters are at their best for that lr (DeepOBS' learning-rate sensitivity).
+
+    ``binned`` (a study that is not a grid: TPE, random, QMC, where every trial has its own lr and neighbours differ
+    in their other hyperparameters too, so a line through all of them zig-zags between unrelated configurations):
+    the best configuration of each ``LR_BIN``-decade bin of lr instead, at its own lr."""
     columns = ["optimizer", "lr", "mean", "min", "max", "n_values", "config", "trials"]
     if configs.empty or "params_lr" not in configs:
         return pd.DataFrame(columns=columns)
     table = configs.dropna(subset=["params_lr"]).rename(columns={"params_lr": "lr"})
     table = table.assign(_loss=sign * table["mean"]).sort_values(["lr", "_loss"], kind="stable")
-    best = table.groupby(["optimizer", "lr"], sort=False).head(1)
+    if binned:
+        decades = np.log10(table["lr"].astype(float).clip(lower=1e-300))
+        table = table.assign(_bin=np.floor(decades / LR_BIN)).sort_values(["_bin", "_loss"], kind="stable")
+    best = table.groupby(["optimizer", "_bin" if binned else "lr"], sort=False).head(1)
     # keep the optimizers' order of ``configs``
     order = {o: i for i, o in enumerate(dict.fromkeys(configs["optimizer"]))}
     best = best.assign(_rank=best["optimizer"].map(order)).sort_values(["_rank", "lr"], kind="stable")

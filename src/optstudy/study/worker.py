@@ -32,6 +32,7 @@ from optstudy.config import check_tracking, compose
 from optstudy.errors import ConfigError, OptstudyError
 from optstudy.study.spec import Study
 from optstudy.study.storage import open_storage
+from optstudy.tracking import TrackingUnavailable
 
 ROOT = Path(__file__).resolve().parents[3]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -242,6 +243,8 @@ class Worker:
             raise
         except Exception as exc:
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:2000])
+            if isinstance(exc, TrackingUnavailable):  # the server's fault, not the configuration's: run it again
+                requeue(self.study, trial)
             raise
         except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, or SIGTERM (Lightning's SIGTERMException)
             # not the configuration's fault: queue it again for whichever worker runs next
