@@ -81,7 +81,8 @@ def lr_sensitivity(curve: pd.DataFrame, objective: str, color: dict[str, str], p
         if len(rows) == 1:  # a band needs two points: show the spread as a bar
             ax.errorbar(rows["lr"], rows["mean"], yerr=[rows["mean"] - rows["min"], rows["max"] - rows["mean"]],
                         color=c, capsize=3)
-    ax.set(xscale="log", xlabel="learning rate", ylabel=f"{objective} (best configuration at each lr)",
+    at = "each lr" if points is None else "each lr bin; dots: every configuration"
+    ax.set(xscale="log", xlabel="learning rate", ylabel=f"{objective} (best configuration at {at})",
            title="learning-rate sensitivity: mean over seeds, band min-max")
     ax.grid(alpha=0.3, which="both")
     ax.legend()

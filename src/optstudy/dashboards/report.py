@@ -47,7 +47,8 @@ def tables(study: optuna.Study) -> Tables:
     optimizers = tr.optimizer_names(s, trials)
     configs = tr.configurations(seeds, s.sign, optimizers)
     kinds = {n: (tr.is_log(n, d), tr.is_categorical(n, d)) for n, d in tr.distributions(study).items()}
-    binned = (study.user_attrs.get("spec") or {}).get("sampler", {}).get("name") != "grid"
+    spec = study.user_attrs.get("spec")  # None: a study made by hand, drawn per lr as before
+    binned = spec is not None and spec.get("sampler", {}).get("name") != "grid"
     return Tables(s, optimizers, trials, seeds, configs, tr.best_configurations(configs),
                   tr.lr_curve(configs, s.sign, binned), kinds, figures.colors(optimizers), binned)
 
