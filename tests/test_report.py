@@ -263,12 +263,12 @@ def chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
 
 def test_chromium_renders_the_page(report, tmp_path):
     shot = tmp_path / "page.png"
-    res = chromium(f"--screenshot={shot}", "--window-size=1280,4000", report.as_uri(), tmp=tmp_path)
+    res = chromium(f"--screenshot={shot}", "--window-size=1280,6000", report.as_uri(), tmp=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     from PIL import Image
 
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
-    assert pixels.shape == (4000, 1280, 3)
+    assert pixels.shape == (6000, 1280, 3)
     assert (pixels.min(-1) < 240).mean() > 0.02  # not blank: text and figures
     colored = (pixels.max(-1) - pixels.min(-1)) > 60
     assert colored.sum() > 5000  # the figures' coloured lines, dots and bands were decoded and drawn
@@ -423,3 +423,30 @@ def test_a_non_grid_lr_curve_keeps_the_best_configuration_of_each_lr_bin():
     assert list(lr_curve(configs, 1.0)["mean"]) == values  # per distinct lr: every trial, the spike included
     binned = lr_curve(configs, 1.0, binned=True)
     assert list(binned["lr"]) == [0.0012, 0.010] and list(binned["mean"]) == [0.48, 0.40]
+
+
+def test_a_conditional_parameter_gets_importances_over_the_trials_that_have_it():
+    """bound.rate exists only in trials with bound=exponential: it was left out of every scope."""
+    from optstudy.dashboards.importance import importances
+    from optstudy.dashboards.trials import Settings
+
+    study = optuna.create_study()
+    rng = np.random.default_rng(0)
+    dists = {"optimizer": CategoricalDistribution(["adabound"]), "lr": FloatDistribution(1e-4, 1, log=True),
+             "bound": CategoricalDistribution(["hyperbolic", "exponential"]),
+             "bound.rate": FloatDistribution(1e-4, 1e-1, log=True), "bound.gamma": FloatDistribution(1e-4, 1e-1)}
+    for i in range(24):
+        kind = ["hyperbolic", "exponential"][i % 2]
+        params = {"optimizer": "adabound", "lr": float(10 ** rng.uniform(-4, 0)), "bound": kind,
+                  **({"bound.rate": float(10 ** rng.uniform(-4, -1))} if kind == "exponential" else
+                     {"bound.gamma": float(rng.uniform(1e-4, 1e-1))})}
+        value = 0.1 * abs(np.log10(params["lr"]) + 2) + 3 * abs(np.log10(params.get("bound.rate", 1e-2)) + 2)
+        study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
+                                                  value=float(value)))
+    table, notes = importances(study, Settings("val_loss", "minimize", ["adabound"], [0]), ["adabound"])
+    by_scope = {scope: dict(zip(rows["param"], rows["importance"])) for scope, rows in table.groupby("scope")}
+    rate = by_scope["adabound, trials with bound.rate"]
+    assert set(rate) == {"lr", "bound.rate"} and rate["bound.rate"] > rate["lr"]
+    assert set(by_scope["adabound, trials with bound.gamma"]) == {"lr", "bound.gamma"}
+    assert set(by_scope["adabound"]) == {"lr", "bound"}
+    assert any("all optimizers, trials with bound.rate: the same trials as scope" in n for n in notes)

@@ -1,4 +1,6 @@
-"""Hyperparameter importances with Optuna's fANOVA evaluator, over all optimizers and per optimizer.
+"""Hyperparameter importances with Optuna's fANOVA evaluator, over all optimizers and per optimizer, and over the
+trials that have a conditional parameter (one only some trials have, e.g. ``bound.rate``), so that every searched
+parameter is in some scope.
 
 Optuna 5's ``get_param_importances`` defaults to PED-ANOVA; this report asks for ``FanovaImportanceEvaluator``
 explicitly (seeded, so the page is reproducible). The trials are copied into an in-memory study first: to leave
@@ -27,18 +29,41 @@ def importances(study: optuna.Study, s: Settings, optimizers: list[str]) -> tupl
     trials = [t for t in study.get_trials(deepcopy=False) if used(t)]
     scopes = [("all optimizers", trials, [])] + [
         (o, [t for t in trials if t.params.get("optimizer") == o], ["optimizer"]) for o in optimizers]
-    rows, notes = [], []
-    for scope, mine, drop in scopes:
-        shared, conditional = _params(mine, drop)
-        result = _scope(mine, s, shared)
+    main = [(scope, mine, _params(mine, drop)[0]) for scope, mine, drop in scopes]
+    # a conditional parameter (bound.rate: only trials with bound=exponential have it) gets a scope of the trials
+    # that have it, where it is compared with everything that varies among them; an optimizer's first
+    subs = [sub for (scope, mine, drop), (_, _, shared) in reversed(list(zip(scopes, main)))
+            for sub in _conditional_scopes(scope, mine, shared, drop)]
+    rows, notes, seen = [], [], {}
+    for scope, group, params in [*main, *subs]:
+        numbers = frozenset(t.number for t in group)
+        if numbers in seen and (scope, group, params) in subs:
+            notes.append(f"{scope}: the same trials as scope {seen[numbers]!r}")
+            continue
+        seen.setdefault(numbers, scope)
+        result = _scope(group, s, params)
         if isinstance(result, str):
             notes.append(f"{scope}: {result}")
             continue
-        rows += [dict(scope=scope, param=p, importance=v, trials=len(mine), evaluator=EVALUATOR)
+        rows += [dict(scope=scope, param=p, importance=v, trials=len(group), evaluator=EVALUATOR)
                  for p, v in result.items()]
-        if conditional:
-            notes.append(f"{scope}: {', '.join(conditional)} left out (only some trials have them)")
     return pd.DataFrame(rows, columns=["scope", "param", "importance", "trials", "evaluator"]), notes
+
+
+def _conditional_scopes(scope: str, trials: list, shared: list[str], drop: list[str]) -> list[tuple]:
+    """``(name, trials, params)`` for each set of parameters beyond ``shared`` that some trials have: those
+    trials, with every parameter that varies among them."""
+    groups: dict[tuple, list] = {}
+    for t in trials:
+        extra = tuple(sorted(set(t.params) - set(shared) - set(drop)))
+        if extra:
+            groups.setdefault(extra, []).append(t)
+    out = []
+    for extra, group in sorted(groups.items()):
+        varying = [p for p in sorted({p for t in group for p in t.params} - set(drop))
+                   if len({repr(t.params.get(p)) for t in group}) > 1]
+        out.append((f"{scope}, trials with {', '.join(extra)}", group, varying))
+    return out
 
 
 def _params(trials: list, drop: list[str]) -> tuple[list[str], list[str]]:

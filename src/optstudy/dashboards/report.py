@@ -173,7 +173,14 @@ def importance_section(study: optuna.Study, t: Tables) -> h.Section:
     section = h.Section("importances", "5. Hyperparameter importances", csvs={"importances.csv": table})
     section.parts.append(h.para("optuna.importance.get_param_importances with FanovaImportanceEvaluator(seed=0) "
                                 "(Optuna 5's default evaluator is PED-ANOVA; fANOVA is asked for explicitly), "
-                                "normalized to sum to 1 per scope, on the configurations' mean objective over seeds."))
+                                "normalized to sum to 1 per scope, on the configurations' mean objective over seeds. "
+                                "A parameter only some trials have (bound.rate with bound=exponential, ...) is "
+                                "compared in a scope of the trials that have it, with everything that varies there."))
+    section.parts.append(h.para("optuna-dashboard shows other numbers for the same study: it uses PED-ANOVA, which "
+                                "asks how differently each parameter is distributed among the best trials (top 10%) "
+                                "than among all, while fANOVA asks how much of the objective's variance each "
+                                "parameter explains; and it pools all trials, without our per-optimizer scopes. "
+                                "Both are right about different questions."))
     if len(table):
         section.parts += [h.table(table, "importances-table"), h.img(figures.importance_bars(table), "importances")]
     section.parts += [h.note(n) for n in notes]
