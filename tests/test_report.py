@@ -172,6 +172,7 @@ def test_header_counts_best_trial_and_failures(study, report):
     assert all(run_id in text for run_id in best.user_attrs["mlflow_run_ids"])
     assert dict(page.frame("best-params").values.tolist())["optimizer"] == best.params["optimizer"]
     assert "training diverged: loss is nan at step 7" in text
+    assert "adabound diverged at lr 0.001 (marked x on the top edge)" in text  # on the sensitivity figure too
     assert "val_loss (minimize)" in text and "report-test" in text
 
 

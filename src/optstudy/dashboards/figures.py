@@ -64,12 +64,18 @@ def _param_panel(ax, seeds, configs, column, log, categorical, color):
     ax.errorbar(x_conf, mine["mean"], yerr=yerr, fmt="o", color=color, ms=5, capsize=3, lw=1)
 
 
-def lr_sensitivity(curve: pd.DataFrame, objective: str, color: dict[str, str], points: pd.DataFrame | None = None
-                   ) -> str:
+def lr_sensitivity(curve: pd.DataFrame, objective: str, color: dict[str, str], points: pd.DataFrame | None = None,
+                   diverged: pd.DataFrame | None = None) -> str:
     """DeepOBS' learning-rate sensitivity: per optimizer, the best mean objective at each lr (or lr bin), band
-    min-max; ``points``: every configuration's mean (optimizer, lr, mean), drawn as dots under the lines."""
+    min-max; ``points``: every configuration's mean (optimizer, lr, mean), drawn as dots under the lines;
+    ``diverged``: (optimizer, lr) of trials that diverged, as crosses on the top edge (they have no value)."""
     fig = Figure(figsize=(8, 4.8), layout="constrained")
     ax = fig.add_subplot()
+    if diverged is not None and len(diverged):
+        edge = ax.get_xaxis_transform()  # x in data, y in axes fractions
+        for optimizer, rows in diverged.groupby("optimizer", sort=False):
+            ax.plot(rows["lr"], [0.97] * len(rows), "x", ms=8, mew=2, color=color.get(optimizer, "k"),
+                    transform=edge, clip_on=False, label=f"{optimizer} diverged")
     if points is not None:
         for optimizer, rows in points.dropna(subset=["lr"]).groupby("optimizer", sort=False):
             ax.scatter(rows["lr"], rows["mean"], s=9, alpha=0.35, color=color.get(optimizer, "k"), lw=0)
@@ -81,9 +87,10 @@ def lr_sensitivity(curve: pd.DataFrame, objective: str, color: dict[str, str], p
         if len(rows) == 1:  # a band needs two points: show the spread as a bar
             ax.errorbar(rows["lr"], rows["mean"], yerr=[rows["mean"] - rows["min"], rows["max"] - rows["mean"]],
                         color=c, capsize=3)
-    at = "each lr" if points is None else "each lr bin; dots: every configuration"
-    ax.set(xscale="log", xlabel="learning rate", ylabel=f"{objective} (best configuration at {at})",
-           title="learning-rate sensitivity: mean over seeds, band min-max")
+    at = "each lr" if points is None else "each lr bin"
+    title = "learning-rate sensitivity: mean over seeds, band min-max" + ("" if points is None else
+                                                                          "; dots: every configuration")
+    ax.set(xscale="log", xlabel="learning rate", ylabel=f"{objective} (best configuration at {at})", title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     return png(fig)

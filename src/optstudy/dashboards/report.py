@@ -139,8 +139,11 @@ def lr_section(t: Tables) -> h.Section:
                                     "the band is that configuration's min to max over seeds."))
     if len(t.curve):
         points = t.configs.rename(columns={"params_lr": "lr"}) if t.binned else None
-        section.parts.append(h.img(figures.lr_sensitivity(t.curve, t.settings.objective, t.colors, points),
-                                   "learning-rate sensitivity"))
+        section.parts.append(h.img(figures.lr_sensitivity(t.curve, t.settings.objective, t.colors, points,
+                                                          tr.diverged(t.trials)), "learning-rate sensitivity"))
+    for optimizer, rows in tr.diverged(t.trials).groupby("optimizer", sort=False):
+        section.parts.append(h.note(f"{optimizer} diverged at lr {', '.join(f'{lr:.3g}' for lr in sorted(rows['lr']))} "
+                                    "(marked x on the top edge)"))
     section.parts += [h.note(f"{o}: {_absent(t, o)}") for o in t.optimizers if o not in set(t.curve["optimizer"])]
     return section
 

@@ -142,6 +142,16 @@ def lr_curve(configs: pd.DataFrame, sign: float, binned: bool = False) -> pd.Dat
     return best[columns].reset_index(drop=True)
 
 
+def diverged(trials: pd.DataFrame) -> pd.DataFrame:
+    """(optimizer, lr) of each failed trial whose training diverged (its ``fail_reason`` says so: the worker writes
+    "Diverged: training diverged: ...")."""
+    if trials.empty or "params_lr" not in trials:
+        return pd.DataFrame(columns=["optimizer", "lr"])
+    reason = trials["fail_reason"].fillna("").astype(str)
+    rows = trials[(trials["state"] == "FAIL") & reason.str.contains("diverged", case=False)]
+    return rows[["optimizer", "params_lr"]].rename(columns={"params_lr": "lr"}).dropna().reset_index(drop=True)
+
+
 def optimizer_names(s: Settings, trials: pd.DataFrame) -> list[str]:
     """The study's optimizers in its order, then any other a trial used."""
     seen = [o for o in trials["optimizer"].dropna().unique() if o not in s.optimizers] if len(trials) else []
