@@ -83,3 +83,47 @@ def test_a_server_away_past_outage_wait_fails_the_run_and_keeps_every_metric(ser
     steps = {m["step"] for m in kept if m["key"] == "train_loss"}
     assert set(range(2 * STEPS + 1, 3 * STEPS + 1)) <= steps  # the epochs after it went away, at least
     assert TrackingUnavailable.exit_code == 4
+
+
+def test_a_study_trial_whose_server_stays_away_is_failed_with_its_reason_and_queued_again(server, tmp_path):
+    import subprocess
+
+    import optuna
+    import yaml
+    from optuna.trial import TrialState
+
+    from optstudy.study.storage import open_storage
+
+    proc, url, _, _ = server
+    path, storage = tmp_path / "away.yaml", str(tmp_path / "away.journal")
+    path.write_text(yaml.safe_dump({
+        "name": "away", "n_trials": 1, "seeds": [0], "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"}, "overrides": ["trainer.max_epochs=60", "logger.outage_wait=1"],
+        "optimizers": {"adam": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}}}))
+    worker = subprocess.Popen([sys.executable, "-m", "optstudy.cli", "study", "run", str(path), "--storage", storage],
+                              cwd=tmp_path, env={**__import__("os").environ, "MLFLOW_TRACKING_URI": url},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def trials():
+        try:
+            return optuna.load_study(study_name="away", storage=open_storage(storage)[0]).get_trials()
+        except KeyError:
+            return []
+
+    deadline = time.monotonic() + 120
+    while not any(t.state == TrialState.RUNNING for t in trials()):
+        assert time.monotonic() < deadline and worker.poll() is None, worker.communicate()
+        time.sleep(0.2)
+    time.sleep(2.5)  # into its training (60 epochs, ~4 s)
+    proc.terminate()
+    proc.wait()
+    out, err = worker.communicate(timeout=300)
+    first, retry, again = trials()
+    assert first.state == TrialState.FAIL, (out, err)
+    assert first.user_attrs["fail_reason"].startswith("TrackingUnavailable: the tracking server did not answer")
+    assert "undelivered_metrics.jsonl" in first.user_attrs["fail_reason"]
+    # queued again; its retry found the server still away before training and was queued again too, and the worker
+    # stopped with the start-up error (every next trial would fail the same way); nothing is lost
+    assert retry.user_attrs["retry_of"] == first.number and retry.state == TrialState.FAIL
+    assert again.user_attrs["retry_of"] == retry.number and again.state == TrialState.WAITING
+    assert worker.returncode == 2 and f"no MLflow tracking server answers at {url}" in err

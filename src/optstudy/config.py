@@ -159,6 +159,10 @@ def validate(cfg: DictConfig, overrides: list[str] = ()) -> None:
     check_tracking(cfg)
 
 
+class TrackingUnreachable(ConfigError):
+    """No MLflow server answers at the configured tracking URI."""
+
+
 def check_tracking(cfg: DictConfig, timeout: float = 5.0) -> None:
     """An MLflow server that does not answer, or refuses, is an error now, not minutes of urllib3 retries ending in
     a traceback. Asks its ``/health`` endpoint, once (a SQLite store needs no check)."""
@@ -179,5 +183,5 @@ def check_tracking(cfg: DictConfig, timeout: float = 5.0) -> None:
         reason = f"it answered HTTP {exc.code} to /health"
     except (OSError, ValueError) as exc:
         reason = str(getattr(exc, "reason", exc))
-    raise ConfigError(f"{key}: no MLflow tracking server answers at {uri} ({reason}); start it (mlflow server "
-                      f"--host ... --port ...), correct {key}, or train with logger=none")
+    raise TrackingUnreachable(f"{key}: no MLflow tracking server answers at {uri} ({reason}); start it (mlflow "
+                              f"server --host ... --port ...), correct {key}, or train with logger=none")

@@ -28,7 +28,7 @@ import pytorch_lightning as pl
 from optuna.trial import TrialState
 
 import optstudy.optim as optim
-from optstudy.config import check_tracking, compose
+from optstudy.config import TrackingUnreachable, check_tracking, compose
 from optstudy.errors import ConfigError, OptstudyError
 from optstudy.study.spec import Study
 from optstudy.study.storage import open_storage
@@ -117,6 +117,7 @@ class Worker:
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # a line per trial instead (_print_outcome)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True
         self.spec, self.extra = study, tuple(overrides)
+        self.stopped_by: Exception | None = None  # an error that ends this worker after the trial it failed
         env_threads = os.environ.get("OMP_NUM_THREADS", "")
         self.threads = threads or (int(env_threads) if env_threads.isdigit() else None)
         self.storage, self.storage_url = open_storage(storage_url, heartbeat)
@@ -209,6 +210,8 @@ class Worker:
             self.study.optimize(self._objective, n_trials=1, catch=(Exception,), gc_after_trial=False,
                                 callbacks=[_print_outcome])
             done += 1
+            if self.stopped_by is not None:  # its trial is queued again for a worker that can reach the server
+                raise self.stopped_by
         return done
 
     def _budget_left(self) -> bool:
@@ -243,8 +246,10 @@ class Worker:
             raise
         except Exception as exc:
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:2000])
-            if isinstance(exc, TrackingUnavailable):  # the server's fault, not the configuration's: run it again
+            if isinstance(exc, (TrackingUnavailable, TrackingUnreachable)):  # the server's fault: run it again
                 requeue(self.study, trial)
+            if isinstance(exc, TrackingUnreachable):  # gone before the trial started: so would every next one be
+                self.stopped_by = exc
             raise
         except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, or SIGTERM (Lightning's SIGTERMException)
             # not the configuration's fault: queue it again for whichever worker runs next
