@@ -118,3 +118,21 @@ def test_a_tracking_server_that_does_not_answer_is_a_clear_error_at_start(comman
     assert f"MLFLOW_TRACKING_URI: no MLflow tracking server answers at {uri}" in proc.stderr
     assert ("503" if server == "refusing" else "refused") in proc.stderr
     assert time.perf_counter() - start < 15
+
+
+@pytest.mark.parametrize("override,words", [("optimzer=sgd", "did you mean 'optimizer'"),
+                                             ("optimizer.lr=abc", "must be a number >= 0")])
+def test_a_study_with_a_config_mistake_creates_no_study_trial_or_run(override, words, tmp_path):
+    journal, db = tmp_path / "j.journal", tmp_path / "mlflow.db"
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "optstudy.cli", "study", "run", str(ROOT / "studies" / "bounds.yaml"),
+                           override, "--storage", str(journal)], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and words in proc.stderr, proc.stderr
+    assert time.perf_counter() - start < FAST
+    assert not db.exists()
+    import optuna
+
+    from optstudy.study.storage import open_storage
+
+    assert not journal.exists() or optuna.get_all_study_summaries(open_storage(str(journal))[0]) == []

@@ -28,7 +28,7 @@ import pytorch_lightning as pl
 from optuna.trial import TrialState
 
 import optstudy.optim as optim
-from optstudy.config import TrackingUnreachable, check_tracking, compose
+from optstudy.config import TrackingUnreachable, compose, validate
 from optstudy.errors import ConfigError, OptstudyError
 from optstudy.study.spec import Study
 from optstudy.study.storage import open_storage
@@ -122,7 +122,7 @@ class Worker:
         self.threads = threads or (int(env_threads) if env_threads.isdigit() else None)
         self.storage, self.storage_url = open_storage(storage_url, heartbeat)
         base = compose([*study.overrides, *self.extra])  # fails now, once, for a bad override in the study or CLI
-        check_tracking(base)  # and for a tracking server that does not answer, before a trial waits on it
+        validate(base)  # and for a bad value or a tracking server that does not answer: not once per trial
         self.objective = study.objective or base.objective
         self.identity = identity(base)
         self.epochs = int(base.trainer.max_epochs)
