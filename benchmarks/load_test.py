@@ -75,6 +75,17 @@ def start_worker(path: Path, storage: str, env: dict, log) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def study_ready(name: str, storage: str) -> bool:
+    import optuna
+
+    from optstudy.study.storage import open_storage
+
+    try:
+        return bool(optuna.load_study(study_name=name, storage=open_storage(storage)[0]).user_attrs.get("ready"))
+    except KeyError:
+        return False
+
+
 def grid_done(name: str, storage: str, points: int) -> bool:
     import optuna
 
@@ -108,6 +119,10 @@ def main() -> int:
     start = time.monotonic()
     workers = [start_worker(path, storage, env, log) for _ in range(args.workers)]
     try:
+        # kills start once the study is set up: a first worker killed while it creates the study leaves it unready
+        # (joining workers then say so and stop), a start-up matter outside what this test measures
+        while time.monotonic() - start < args.timeout and not study_ready(name, storage):
+            time.sleep(0.5)
         while time.monotonic() - start < args.timeout and not grid_done(name, storage, args.points):
             time.sleep(rng.expovariate(1 / args.kill_every))
             victim = rng.randrange(len(workers))
