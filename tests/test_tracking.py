@@ -205,6 +205,9 @@ def test_default_store_is_sqlite_in_the_working_directory(monkeypatch, tmp_path,
     out = capsys.readouterr().out
     assert f"run {res.run_id} 'adam lr=0.001 seed=0' trained in" in out
     assert f"open it with: mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in out
+    # the runs table, not the GenAI overview MLflow 3.17's UI opens by default
+    experiment_id = MlflowClient(res.tracking_uri).get_run(res.run_id).info.experiment_id
+    assert f"then its page /#/experiments/{experiment_id}?workflowType=machine_learning" in out
 
 
 @pytest.mark.slow

@@ -39,11 +39,17 @@ def tracking_uri(configured: str | None = None) -> str:
     return uri or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
 
 
-def ui_command(uri: str) -> str:
-    """How a person opens this store in the MLflow UI."""
+def ui_command(uri: str, experiment_id: str | None = None) -> str:
+    """How a person opens this store (at ``experiment_id``'s runs table) in the MLflow UI.
+
+    The link asks for ``workflowType=machine_learning``: MLflow 3.17's UI otherwise opens every experiment in its
+    GenAI mode (an overview of traces, no runs table), whatever the experiment's tags say; once opened this way the
+    UI remembers the mode (the "Model training" switch at its top left)."""
+    page = f"/#/experiments/{experiment_id}" if experiment_id else "/#/experiments"
+    page += "?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
-    return f"mlflow ui --backend-store-uri {uri}"
+        return f"open {uri.rstrip('/')}{page}"
+    return f"mlflow ui --backend-store-uri {uri}, then its page {page}"
 
 
 def git_commit() -> str | None:
@@ -111,6 +117,7 @@ class MLflowLogger(Logger):
         self.uri, self.experiment_name, self.run_name = uri, experiment, run_name
         self.tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
         self._run_id, self._client = run_id, None
+        self.experiment_id: str | None = None  # known once the run is created
         self._buffer: list = []
         self._sender: Sender | None = None
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
@@ -229,6 +236,7 @@ class MLflowLogger(Logger):
             exp_id = experiment.experiment_id
             if EXPERIMENT_KIND[0] not in experiment.tags:  # made by an older optstudy, or by hand
                 self._client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+        self.experiment_id = exp_id
         self.run_name = self._unique_name(exp_id)
         run = self._client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
         self._run_id = run.info.run_id

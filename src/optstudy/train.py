@@ -175,7 +175,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Result:
     value = metrics[cfg.objective]
     if trainer.is_global_zero:
         in_study = OmegaConf.select(cfg, "tags.optuna") is not None  # its worker prints where the runs are, once
-        where = f"; open it with: {ui_command(logger.uri)}" if logger and not in_study else ""
+        where = f"; open it with: {ui_command(logger.uri, logger.experiment_id)}" if logger and not in_study else ""
         run_id = f"run {logger.run_id} " if logger else ""
         total = _process_seconds() if Path(sys.argv[0]).name == "train.py" else None  # a library caller's is its own
         took = f"trained in {time.perf_counter() - start:.1f}s" + (

@@ -80,7 +80,8 @@ def header(study: optuna.Study, t: Tables, uri: str | None) -> h.Section:
         "overrides": " ".join(study.user_attrs.get("overrides") or []) or "—",
         "optimizers": ", ".join(t.optimizers) or "—", "seeds": ", ".join(map(str, s.seeds)) or "—",
         "MLflow experiment": s.experiment or "—", "MLflow parent run": s.parent_run_id or "—",
-        "tracking URI": _redacted(uri) if uri else "—", "open with": ui_command(_redacted(uri)) if uri else "—"}))
+        "tracking URI": _redacted(uri) if uri else "—",
+        "open with": ui_command(_redacted(uri), study.user_attrs.get("mlflow_experiment_id")) if uri else "—"}))
     section.parts += ["<h3>Trials by state</h3>", h.table(tr.state_counts(study), "states")]
     section.parts += ["<h3>Best trial</h3>", *_best_trial(study, t)]
     failed = t.trials[t.trials["state"] == "FAIL"]

@@ -6,14 +6,15 @@ from optstudy.study.spec import Study
 from optstudy.tracking import MLflowLogger, tracking_uri
 
 
-def create_parent(spec: Study) -> tuple[str, str]:
-    """Creates the study's parent run (params: the study file, flattened) and returns ``(tracking uri, run id)``."""
+def create_parent(spec: Study) -> tuple[str, str, str]:
+    """Creates the study's parent run (params: the study file, flattened); returns ``(tracking uri, run id,
+    experiment id)``."""
     uri = tracking_uri()
     parent = MLflowLogger(uri, spec.name, run_name=f"study {spec.name}",
                           tags={"optuna.study": spec.name, "optstudy.role": "study"})
     parent.log_hyperparams({"study": spec.source})
     parent.close("FINISHED")  # the report is logged to it later; MLflow accepts artifacts on finished runs
-    return uri, parent.run_id
+    return uri, parent.run_id, parent.experiment_id
 
 
 def log_report(uri: str, run_id: str, directory) -> None:

@@ -69,7 +69,7 @@ def overrides_for(params: dict) -> list[str]:
     return out
 
 
-# --- what a study's trials share ---------------------------------------------------------------------------------------
+# --- what a study's trials share ------------------------------------------------------------------------------------
 # where results go or how fast they come, not what they are
 NOT_IDENTITY = ("hydra", "logger", "tags", "checkpoint", "ckpt_path", "result_file", "trainer.threads",
                 "trainer.enable_progress_bar")
@@ -147,10 +147,11 @@ class Worker:
     def _initialise(self, study: optuna.Study) -> None:
         from optstudy.study.tracking import create_parent
 
-        uri, parent = create_parent(self.spec)
+        uri, parent, experiment_id = create_parent(self.spec)
         attrs = dict(objective=self.objective, direction=self.spec.direction, optimizers=list(self.spec.spaces),
                      seeds=list(self.spec.seeds), spec=self.spec.source, mlflow_experiment=self.spec.name,
                      mlflow_parent_run_id=parent, tracking_uri=uri, n_trials=self.spec.n_trials,
+                     mlflow_experiment_id=experiment_id,
                      overrides=list(self.extra), identity=self.identity, budget=budget(self.identity, self.spec))
         for key, value in attrs.items():
             study.set_user_attr(key, value)
@@ -199,7 +200,7 @@ class Worker:
             from optstudy.tracking import ui_command
 
             print(f"study {self.spec.name}: runs in MLflow experiment {self.spec.name!r}; open it with: "
-                  f"{ui_command(uri)}", flush=True)
+                  f"{ui_command(uri, self.study.user_attrs.get('mlflow_experiment_id'))}", flush=True)
         while n_trials is None or done < n_trials:
             retry_dead_trials(self.study, self.storage)
             if hasattr(self.storage, "record_heartbeat"):  # a database storage with heartbeats
