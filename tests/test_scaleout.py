@@ -554,7 +554,9 @@ def test_the_stack_runs_natively(tmp_path, postgres_url, postgres_db_url):
             assert time.monotonic() < deadline, "the SLURM task never ran a trial:\n" + task_log.read_text()[-3000:]
             try:
                 study = optuna.load_study(study_name=name, storage=open_storage(storage)[0])
-                running = next(iter(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))), None)
+                # a trial is RUNNING from Optuna's ask, a moment before the worker records itself on it
+                running = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                                if "worker" in t.user_attrs), None)
             except KeyError:
                 pass
             time.sleep(0.2)
