@@ -27,8 +27,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from optstudy.errors import OptstudyError
 
 DEFAULT_DB = "mlflow.db"
-# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, an assistant), with no parameter
-# or metric columns in the runs table; this kind opens it on the runs table, as a model-training experiment
+# what kind of experiment this is, for MLflow's own inference of it; MLflow 3.17's UI does not open the runs table for
+# it (its global GenAI/Model training switch decides): the links ``ui_command`` prints ask for that
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
@@ -213,7 +213,8 @@ class MLflowLogger(Logger):
             where = f"kept in {spill}" if spill is not None else "lost"
             raise TrackingUnavailable(f"{exc.args[0]}; its {len(exc.args[1])} undelivered metric values are "
                                       f"{where}, and MLflow run {self._run_id} stays RUNNING") from None
-        deadline = time.monotonic() + self.outage_wait
+        end = time.monotonic() + self.outage_wait
+        deadline = lambda: end  # noqa: E731  (one deadline for every call below)
         for path in artifacts:
             _retrying(deadline, self.experiment.log_artifact, self.run_id, str(path))
         if reason:
@@ -278,7 +279,7 @@ class Sender:
         self.error: BaseException | None = None
         self.deadline: float | None = None  # set by stop(): when to give up on a server that is away
         self.undelivered: list = []
-        self.outage: str | None = None  # the last transient failure, while it lasts
+        self.outage: str | None = None  # the last transient failure, once given up
         self.thread = threading.Thread(target=self._loop, name="optstudy-mlflow-sender", daemon=True)
         self.thread.start()
 
@@ -305,35 +306,32 @@ class Sender:
                 self.undelivered += batch
 
     def _deliver(self, batch: list) -> None:
-        delay = 0.25
-        while True:
-            try:
-                self.client.log_batch(self.run_id, metrics=batch)
-                self.outage = None
-                return
-            except Exception as exc:  # kept for stop(): a failure must not pass silently
-                if not transient(exc):
-                    self.error = exc
-                    return
-                self.outage = f"{type(exc).__name__}: {str(exc)[:200]}"
-                if self.deadline is not None and time.monotonic() > self.deadline:
-                    self.undelivered += batch
-                    return
-                time.sleep(delay)  # training goes on meanwhile; the batches after this one wait in the queue
-                delay = min(2 * delay, 5.0)
+        # no deadline while the run goes on (training continues; the batches after this one wait in the queue),
+        # stop()'s once it ends
+        try:
+            _retrying(lambda: self.deadline, self.client.log_batch, self.run_id, metrics=batch)
+        except TrackingUnavailable as exc:
+            self.outage = exc.reason
+            self.undelivered += batch
+        except Exception as exc:  # kept for stop(): a failure must not pass silently
+            self.error = exc
 
 
-def _retrying(deadline: float, call, *args, **kwargs):
-    """``call`` retried while the server is away, until ``deadline`` (then ``TrackingUnavailable``)."""
+def _retrying(deadline, call, *args, **kwargs):
+    """``call`` retried while the server is away, with backoff, until ``deadline()`` (a monotonic time, or None: no
+    deadline yet) has passed; then ``TrackingUnavailable``, whose ``reason`` is the last failure."""
     delay = 0.25
     while True:
         try:
             return call(*args, **kwargs)
         except Exception as exc:
-            if not transient(exc) or time.monotonic() > deadline:
-                if transient(exc):
-                    raise TrackingUnavailable(f"the tracking server did not answer ({type(exc).__name__}: "
-                                              f"{str(exc)[:200]})") from None
+            if not transient(exc):
                 raise
+            end = deadline()
+            if end is not None and time.monotonic() > end:
+                reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+                error = TrackingUnavailable(f"the tracking server did not answer ({reason})")
+                error.reason = reason
+                raise error from None
             time.sleep(delay)
             delay = min(2 * delay, 5.0)

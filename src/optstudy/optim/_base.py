@@ -196,7 +196,7 @@ class CoreOptimizer(torch.optim.Optimizer):
                 self._numbers(state)
             key = self.state_key(state)
             if key not in parts:
-                parts[key] = (_numbers({**self.scalars(group, state), **decay}), [])
+                parts[key] = (_as_numbers({**self.scalars(group, state), **decay}), [])
             s, rows = parts[key]
             stepped.append((p, s))
             if g.is_sparse:
@@ -318,7 +318,7 @@ class CoreOptimizer(torch.optim.Optimizer):
                     p = torch.view_as_real(p)
                     state = {k: torch.view_as_real(v) if torch.is_tensor(v) and v.is_complex() else v
                              for k, v in state.items()}
-                yield gi, group, p, state, _numbers(s)
+                yield gi, group, p, state, _as_numbers(s)
 
     def iter_effective_lrs(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Yields ``(group index, param, effective lr)`` for each tensor of the last step, one at a time."""
@@ -374,17 +374,14 @@ class CoreOptimizer(torch.optim.Optimizer):
         """Hook: fill keys of a loaded group that need more than a default (``old``: the group before loading)."""
 
     def upgrade_state(self, p: torch.Tensor, state: dict, group: dict) -> None:
-        """A loaded state in our format: counts as numbers, every buffer present."""
+        """A loaded state in our format: counts as numbers."""
         for key in [k for k, v in state.items() if v is None]:  # torch's SGD: momentum_buffer None before a step
             del state[key]
         # torch's SGD keeps no count: its momentum buffer means it has stepped
         state.setdefault("step", 1 if "momentum_buffer" in state else 0)
         for key in self.TENSOR_COUNTS:
             state.setdefault(key, 1.0)
-        self._numbers(state)
-        for name in self.buffers(group):
-            if name not in state:
-                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self._numbers(state)  # a buffer torch does not keep (Adadelta's second u) is created by the step (_row)
 
 
 
@@ -406,7 +403,7 @@ def _family(cls: type) -> list[type]:
     return sorted(found, key=lambda c: c.name)
 
 
-def _numbers(s: dict) -> dict:
+def _as_numbers(s: dict) -> dict:
     """The step's scalars with 0-d tensors (a tensor lr, counts from under torch.compile) as Python numbers."""
     if any(isinstance(v, torch.Tensor) for v in s.values()):
         return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
