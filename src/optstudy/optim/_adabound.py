@@ -3,8 +3,10 @@ on ``final_lr`` over time, so training moves from Adam-like to SGD-like."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from optstudy.optim import _members
 from optstudy.optim._adam import _AdamBase
 from optstudy.optim._base import GROUP_KEYS
 from optstudy.optim._pieces import clip_, coupled_decay, ema_, ema_sq_, max_, sqrt
@@ -83,7 +85,11 @@ class AdaBound(_AdamBase):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsbound"] else ())
 
     def bounds(self, group, t: int) -> tuple[float, float]:
-        """The (lower, upper) bound on the step size at step ``t`` for this group's current lr."""
+        """The (lower, upper) bound on the step size at step ``t`` for this group's current lr; in a population whose
+        members differ, two arrays of K."""
+        if _members.varies(group):
+            lower, upper = zip(*(self.bounds(view, t) for view in _members.views(group, self.members)))
+            return np.array(lower), np.array(upper)
         final = group["final_lr"] * group["lr"] / group["eta0"]
         schedule = _schedule(group["bound"])
         return final * schedule.lower(t), final * schedule.upper(t)
@@ -103,9 +109,13 @@ class AdaBound(_AdamBase):
         return self._raw_lr(state, s).clamp_(s["lo"], s["hi"])
 
     def clip_counts(self, p, state, group, s) -> tuple[torch.Tensor, torch.Tensor]:
-        """Number of elements of ``p`` whose step size was raised to the lower / cut to the upper bound."""
+        """Number of elements of ``p`` whose step size was raised to the lower / cut to the upper bound; in a
+        population, per member (shape ``(K,)``)."""
         raw = self._raw_lr(state, s)
-        return (raw < s["lo"]).sum(), (raw > s["hi"]).sum()
+        low, high = raw < s["lo"], raw > s["hi"]
+        if self.members:
+            return low.reshape(len(low), -1).sum(1), high.reshape(len(high), -1).sum(1)
+        return low.sum(), high.sum()
 
 
 class AMSBound(AdaBound):

@@ -152,7 +152,7 @@ class RMSprop(CoreOptimizer):
 
     def effective_lr(self, p, state, group, s):
         if "momentum_buffer" in state:
-            return torch.full_like(p, s["lr"])
+            return torch.ones_like(p) * s["lr"]  # lr: a number, or per member
         a = state["square_avg"]
         if "grad_avg" in state:
             a = a.addcmul(state["grad_avg"], state["grad_avg"], value=-1)

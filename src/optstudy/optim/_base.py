@@ -30,10 +30,11 @@ import logging
 import os
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from optstudy.errors import ConfigError
-from optstudy.optim import _compiled
+from optstudy.optim import _compiled, _members
 from optstudy.optim._rules import check_group, fail
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,11 @@ class CoreOptimizer(torch.optim.Optimizer):
     SPARSE = False  # takes sparse gradients, as its torch class does
     GROUP_KEYS = GROUP_KEYS
 
-    def __init__(self, params, impl: str | None = None, **hparams):
+    def __init__(self, params, impl: str | None = None, members: int | None = None, **hparams):
         self._check_keywords(hparams, "")
+        self.members = _check_members(self.name, members)
+        if self.members:
+            hparams = _members.normalize(f"optimizer {self.name}", hparams, self.members)
         impl = impl or os.environ.get("OPTSTUDY_OPTIM_IMPL", "auto")
         if impl not in IMPLS:
             raise ConfigError(f"optimizer {self.name}: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
@@ -68,14 +72,15 @@ class CoreOptimizer(torch.optim.Optimizer):
         self.impl = self._resolve_impl(impl)
 
     @classmethod
-    def check(cls, **hparams) -> None:
+    def check(cls, members: int | None = None, **hparams) -> None:
         """Raises the ``ConfigError`` the constructor would for these keywords, without parameters (and without
         torch.optim's constructor, which imports dynamo: ~1 s of a config check)."""
         self = cls.__new__(cls)
         self._check_keywords(hparams, "")
-        group = {**cls.DEFAULTS, **cls.TORCH_FLAGS, **hparams, **cls.FIXED}
-        check_group(f"optimizer {cls.name}", group)
-        self.prepare_group(group)
+        self.members = _check_members(cls.name, members)
+        if self.members:
+            hparams = _members.normalize(f"optimizer {cls.name}", hparams, self.members)
+        self._check_group({**cls.DEFAULTS, **cls.TORCH_FLAGS, **hparams, **cls.FIXED})
 
     def _check_keywords(self, given: dict, where: str) -> None:
         """Unknown keywords are refused; a flag the name fixes is accepted at its fixed value only, so that
@@ -97,10 +102,34 @@ class CoreOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         extra = {k: v for k, v in param_group.items() if k not in self.GROUP_KEYS}
         self._check_keywords(extra, " in a param group")
+        if self.members:
+            param_group = _members.normalize(f"optimizer {self.name}", param_group, self.members)
         super().add_param_group(param_group)  # fills defaults
         group = self.param_groups[-1]
-        check_group(f"optimizer {self.name}", group)
-        self.prepare_group(group)
+        if self.members:
+            self._check_member_axis(group)
+        self._check_group(group)
+
+    def _check_group(self, group: dict) -> None:
+        """Validates ``group`` and runs ``prepare_group``: on each member's view where members differ (the message
+        names the member), the results merged back."""
+        owner = f"optimizer {self.name}"
+        if not (self.members and _members.varies(group)):
+            check_group(owner, group)
+            self.prepare_group(group)
+            return
+        views = _members.views(group, self.members)
+        for i, view in enumerate(views):
+            check_group(f"{owner} (member {i} of {self.members})", view)
+            self.prepare_group(view)
+        group.update(_members.merge_all(views, owner))
+
+    def _check_member_axis(self, group: dict) -> None:
+        for i, p in enumerate(group["params"]):
+            if p.dim() == 0 or p.shape[0] != self.members:
+                raise ConfigError(f"optimizer {self.name}: with members={self.members}, dim 0 of every parameter is "
+                                  f"the member axis; parameter {i} of group {len(self.param_groups) - 1} has shape "
+                                  f"{tuple(p.shape)}")
 
     def prepare_group(self, group: dict) -> None:
         """Hook for subclass checks that involve several keys; runs on every group, including ones added later."""
@@ -183,20 +212,20 @@ class CoreOptimizer(torch.optim.Optimizer):
                 continue
             state = states[p]
             if not state:
-                self.init_state(p, state, group)
+                self._init_state(p, state, group)
             state["step"] += 1
             yield p, (-g if maximize else g), state
 
     def _step_group(self, group: dict, seen: dict) -> list[tuple[torch.Tensor, dict]]:
-        decay = self._weight_decay(group)
-        names = self.buffers(group)
+        scalars = self._scalars_of(group)
+        names = self._buffer_names(group)
         stepped, parts = [], {}
         for p, g, state in self._gradients(group):
             if isinstance(state["step"], torch.Tensor):  # after steps under torch.compile: numbers again
                 self._numbers(state)
-            key = self.state_key(state)
+            key = _members.hashable(self.state_key(state))
             if key not in parts:
-                parts[key] = (_as_numbers({**self.scalars(group, state), **decay}), [])
+                parts[key] = (scalars(state), [])
             s, rows = parts[key]
             stepped.append((p, s))
             if g.is_sparse:
@@ -209,6 +238,39 @@ class CoreOptimizer(torch.optim.Optimizer):
             for p, s in stepped:
                 self.after_kernel(self.state[p], group, s)
         return stepped
+
+    def _buffer_names(self, group: dict) -> tuple[str, ...]:
+        """``buffers(group)``; in a population whose members differ, the most any member needs (a member with
+        momentum 0 beside others with momentum keeps a buffer, which then steps exactly as without one)."""
+        if not (self.members and _members.varies(group)):
+            return self.buffers(group)
+        return max((self.buffers(view) for view in _members.views(group, self.members)), key=len)
+
+    def _init_state(self, p: torch.Tensor, state: dict, group: dict) -> None:
+        """``init_state``; in a population whose members differ, each member's slice initialised with its own
+        values (Adagrad's ``initial_accumulator_value``)."""
+        if not (self.members and _members.varies(group)):
+            self.init_state(p, state, group)
+            return
+        views = _members.views(group, self.members)
+        self.init_state(p, state, max(views, key=lambda view: len(self.buffers(view))))
+        for i, view in enumerate(views):
+            own: dict = {}
+            self.init_state(p[i], own, view)
+            for key, value in own.items():
+                if isinstance(value, torch.Tensor):
+                    state[key][i].copy_(value)
+
+    def _scalars_of(self, group: dict) -> Callable[[dict], dict]:
+        """``state -> the step's scalars`` for ``group``: per member, then merged, where members differ."""
+        if not (self.members and _members.varies(group)):
+            decay = self._weight_decay(group)
+            return lambda state: _as_numbers({**self.scalars(group, state), **decay})
+        views, owner, counts = _members.views(group, self.members), f"optimizer {self.name}", self.TENSOR_COUNTS
+        decays = [self._weight_decay(view) for view in views]
+        return lambda state: _members.merge_all(
+            [_as_numbers({**self.scalars(view, _members.state_view(state, counts, i)), **decays[i]})
+             for i, view in enumerate(views)], owner)
 
     @staticmethod
     def _row(p: torch.Tensor, g: torch.Tensor, state: dict, names: tuple[str, ...]) -> list[torch.Tensor]:
@@ -228,6 +290,8 @@ class CoreOptimizer(torch.optim.Optimizer):
 
     def _sparse(self, p, g, state, group, s) -> None:
         owner = f"optimizer {self.name}"
+        if self.members:
+            raise ConfigError(f"{owner}: sparse gradients are not supported in a population (members=...)")
         if not self.SPARSE:
             raise ConfigError(f"{owner}: sparse gradients are not supported (torch takes them in SGD, Adagrad and "
                               "SparseAdam; optstudy in sgd, momentum, nesterov and adagrad)")
@@ -244,7 +308,7 @@ class CoreOptimizer(torch.optim.Optimizer):
         if self.impl == "compiled":
             eager, chunks = [], {}
             for row in rows:
-                flat = _compiled.flat_row(row, seen, self._aliases)
+                flat = _compiled.flat_row(row, seen, self._aliases, self.members)
                 if flat is None:
                     eager.append(row)
                 else:
@@ -252,8 +316,13 @@ class CoreOptimizer(torch.optim.Optimizer):
             for flats in chunks.values():
                 if self.impl != "compiled":  # compiling failed for another dtype or device this step
                     eager += flats
-                elif not _compiled.run_chunks(type(self).kernel, flats, s, owner=f"optimizer {self.name}"):
+                elif not _compiled.run_chunks(type(self).kernel, flats, s, f"optimizer {self.name}", self.members):
                     self.impl = "loop"  # warned once; this and later steps stay eager
+        if eager and self.members and _members.varies(s):
+            cache = {}
+            for row in eager:
+                type(self).kernel(*row, **_members.shaped(s, row[0], cache))
+            return
         for row in eager:
             type(self).kernel(*row, **s)
 
@@ -270,19 +339,30 @@ class CoreOptimizer(torch.optim.Optimizer):
             self._init_group(group)
         self._last = []
         for group in self.param_groups:
-            decay, names, stepped = self._weight_decay(group), self.buffers(group), []
+            scalars, names, stepped = self._traced_scalars(group), self._buffer_names(group), []
             for p, g, state in self._gradients(group):
-                s = {**self.scalars(group, state), **decay}
-                type(self).kernel(*self._row(p, g, state, names), **s)
+                s = scalars(state)
+                row = self._row(p, g, state, names)
+                type(self).kernel(*row, **(_members.shaped(s, row[0]) if self.members else s))
                 self.after_kernel(state, group, s)
                 stepped.append((p, s))
             self._last.append((group, stepped))
+
+    def _traced_scalars(self, group: dict) -> Callable[[dict], dict]:
+        if not (self.members and _members.varies(group)):
+            decay = self._weight_decay(group)
+            return lambda state: {**self.scalars(group, state), **decay}
+        views, owner, counts = _members.views(group, self.members), f"optimizer {self.name}", self.TENSOR_COUNTS
+        decays = [self._weight_decay(view) for view in views]
+        return lambda state: _members.merge_all(
+            [{**self.scalars(view, _members.state_view(state, counts, i)), **decays[i]}
+             for i, view in enumerate(views)], owner)
 
     def _init_group(self, group: dict) -> None:
         """Creates the state of ``group``'s parameters that have gradients, with the step count as a tensor."""
         for p in group["params"]:
             if p.grad is not None and not self.state[p]:
-                self.init_state(p, self.state[p], group)
+                self._init_state(p, self.state[p], group)
                 self._tensors(self.state[p])
 
     def _tensor_counts(self) -> None:
@@ -295,8 +375,14 @@ class CoreOptimizer(torch.optim.Optimizer):
 
     def _tensors(self, state: dict) -> None:
         for key in self.TENSOR_COUNTS:
-            if not isinstance(state[key], torch.Tensor):
-                state[key] = torch.tensor(float(state[key]), dtype=torch.float64)
+            value = state[key]
+            if isinstance(value, np.ndarray):  # a population's per-member counts
+                state[key] = torch.from_numpy(value.copy())
+            elif self.members and key != "step" and not isinstance(value, torch.Tensor):
+                # per member from the start: the traced step updates it in place with each member's factor
+                state[key] = torch.full((self.members,), float(value), dtype=torch.float64)
+            elif not isinstance(value, torch.Tensor):
+                state[key] = torch.tensor(float(value), dtype=torch.float64)
 
     def _numbers(self, state: dict) -> None:
         """torch keeps counts as tensors (``step``, NAdam's ``mu_product``): numbers here, so that the step's scalars
@@ -304,8 +390,11 @@ class CoreOptimizer(torch.optim.Optimizer):
         for key in self.TENSOR_COUNTS:
             value = state[key]
             if isinstance(value, torch.Tensor):
-                value = value.item()
-            state[key] = round(value) if key == "step" else float(value)
+                value = value.item() if value.numel() == 1 else value.double().cpu().numpy()
+            if isinstance(value, np.ndarray):  # a population's per-member counts
+                state[key] = value
+            else:
+                state[key] = round(value) if key == "step" else float(value)
 
     # -- effective learning rates -------------------------------------------------------------------------------
     def last_step(self) -> Iterator[tuple[int, dict, torch.Tensor, dict, dict]]:
@@ -318,7 +407,7 @@ class CoreOptimizer(torch.optim.Optimizer):
                     p = torch.view_as_real(p)
                     state = {k: torch.view_as_real(v) if torch.is_tensor(v) and v.is_complex() else v
                              for k, v in state.items()}
-                yield gi, group, p, state, _as_numbers(s)
+                yield gi, group, p, state, (_members.shaped(s, p) if _members.varies(s) else _as_numbers(s))
 
     def iter_effective_lrs(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Yields ``(group index, param, effective lr)`` for each tensor of the last step, one at a time."""
@@ -339,13 +428,23 @@ class CoreOptimizer(torch.optim.Optimizer):
     # -- copies and checkpoints ---------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         # torch pickles defaults, state and param_groups only: keep the impl; the caches are rebuilt
-        return {**super().__getstate__(), "impl": self.impl}
+        return {**super().__getstate__(), "impl": self.impl, "members": self.members}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # also called by load_state_dict, with state and param_groups only
         self._last, self._aliases, self._number_counts = [], {}, True
         if "impl" not in self.__dict__:  # pickled before impl was kept
             self.impl = self._resolve_impl("auto")
+        self.__dict__.setdefault("members", None)
+
+    def state_dict(self) -> dict:
+        """torch.optim's, with a population's per-member values as float64 tensors of K numbers (arrays would not
+        load with ``torch.load(weights_only=True)``)."""
+        saved = super().state_dict()
+        if self.members:
+            saved["param_groups"] = [{k: _members.saveable(v) for k, v in g.items()} for g in saved["param_groups"]]
+            saved["state"] = {i: {k: _members.saveable(v) for k, v in st.items()} for i, st in saved["state"].items()}
+        return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads ours, an older one of ours, or a torch.optim one of the same algorithm: a missing group key takes
@@ -356,6 +455,8 @@ class CoreOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         owner = f"optimizer {self.name}"
         for group, old in zip(self.param_groups, before):
+            if self.members:
+                group.update({k: _members.loaded(v, self.members) for k, v in group.items() if k != "params"})
             for key, value in self.FIXED.items():
                 if group.setdefault(key, value) != value:
                     raise fail(owner, key, f"is {value!r} for {self.name!r}, but the state dict was saved with "
@@ -364,8 +465,7 @@ class CoreOptimizer(torch.optim.Optimizer):
                 group.setdefault(key, value)
             group.update({key: old[key] for key in self.TORCH_FLAGS})
             self.upgrade_group(group, old)
-            check_group(owner, group)
-            self.prepare_group(group)
+            self._check_group(group)
             for p in group["params"]:
                 if self.state.get(p):
                     self.upgrade_state(p, self.state[p], group)
@@ -390,6 +490,15 @@ def _outside_the_graph(fn: Callable) -> Callable:
     """``fn`` run eagerly from a traced step (a graph break); applied on first use, as importing dynamo takes ~1.4 s
     and only a traced step needs it."""
     return torch.compiler.disable(fn)
+
+
+def _check_members(name: str, members) -> int | None:
+    if members is None:
+        return None
+    if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+        raise fail(f"optimizer {name}", "members", "must be an integer >= 1 (the size of dim 0 of every parameter)",
+                   members)
+    return members
 
 
 def _family(cls: type) -> list[type]:

@@ -19,6 +19,9 @@ What makes one graph enough:
   of bias vectors would otherwise leave later conv weights on one;
 - ``size_asserts=False``: the guards already check what those asserts re-check, at ~12 µs a call.
 
+In a population (``members=K``, see ``_members.py``) rows are 2-D, ``(K, n/K)``, and ``sc`` holds K values per
+scalar, each ``(K, 1)`` in the kernel: still one graph per variant, whatever K and whatever varies between members.
+
 Rows it cannot take (fewer than 2 elements, which dynamo specialises; strides that differ within a row; neither
 contiguous nor channels-last) run the eager kernel.
 """
@@ -29,8 +32,11 @@ import logging
 import numbers
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.fx.experimental._config as fx_config
+
+from optstudy.optim import _members
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +46,23 @@ _runners: dict[tuple, Callable] = {}
 _pads: dict[tuple, list[list[torch.Tensor]]] = {}
 
 
-def split_scalars(s: dict) -> tuple[tuple[str, ...], tuple[float, ...], tuple[tuple[str, object], ...]]:
-    """(names, values) of the step's numbers, which become one tensor, and the remaining constants (bools, None)."""
+def split_scalars(s: dict, members: int | None = None) -> tuple[tuple[str, ...], tuple, tuple[tuple[str, object], ...]]:
+    """(names, values) of the step's numbers, which become one tensor, and the remaining constants (bools, None).
+    In a population each value is K numbers (a shared one repeated)."""
     names, values, static = [], [], []
     for key, value in s.items():
-        if isinstance(value, (numbers.Real, torch.Tensor)) and not isinstance(value, bool):  # never a new constant
+        if isinstance(value, np.ndarray):
             names.append(key)
-            values.append(float(value))
+            values.append(value.tolist())
+        elif isinstance(value, (numbers.Real, torch.Tensor)) and not isinstance(value, bool):  # never a constant
+            names.append(key)
+            values.append([float(value)] * members if members else float(value))
         else:
             static.append((key, value))
     return tuple(names), tuple(values), tuple(static)
 
 
-def flat_row(row: list[torch.Tensor], seen: dict, kept: dict) -> list[torch.Tensor] | None:
+def flat_row(row: list[torch.Tensor], seen: dict, kept: dict, members: int | None = None) -> list[torch.Tensor] | None:
     """1-D aliases of ``row = [p, g, *buffers]`` (same memory, no view base), or None if it must run eagerly.
 
     The aliases of ``p`` and the buffers are reused from ``seen`` (last step's) and recorded in ``kept`` (this step's):
@@ -63,33 +73,40 @@ def flat_row(row: list[torch.Tensor], seen: dict, kept: dict) -> list[torch.Tens
     key = (id(p), *map(id, row[2:]))
     entry = seen.get(key)
     if entry is None or entry[0] != p.data_ptr():  # ``p.data = ...`` keeps the object and changes the memory
-        entry = _row_entry(row)
+        entry = _row_entry(row, members)
     kept[key] = entry
     _, n, stride, flats, _ = entry
     if flats is None or g.stride() != stride:
         return None
-    return [flats[0], g.as_strided((n,), (1,)).detach(), *flats[1:]]
+    return [flats[0], _alias(g, n, members), *flats[1:]]
 
 
-def _row_entry(row: list[torch.Tensor]) -> tuple:
+def _alias(t: torch.Tensor, n: int, members: int | None) -> torch.Tensor:
+    if members:
+        return t.as_strided((members, n // members), (n // members, 1)).detach()
+    return t.as_strided((n,), (1,)).detach()
+
+
+def _row_entry(row: list[torch.Tensor], members: int | None) -> tuple:
     """(data pointer, numel, stride, aliases of p and buffers or None, p and buffers: kept alive so that their ``id``
     stays theirs). Not the gradient: the entry outlives the step."""
     p, held = row[0], (row[0], *row[2:])
     n, stride = p.numel(), p.stride()
-    dense = p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)
-    if n < 2 or not dense or any(t.stride() != stride for t in row[2:]):
+    dense = p.is_contiguous() or (not members and p.is_contiguous(memory_format=torch.channels_last))
+    if n < 2 * (members or 1) or not dense or any(t.stride() != stride for t in row[2:]):
         return p.data_ptr(), n, stride, None, held
-    flats = [t.as_strided((n,), (1,)).detach() for t in held]
+    flats = [_alias(t, n, members) for t in held]
     return p.data_ptr(), n, stride, flats, held
 
 
-def _runner(kernel: Callable, width: int, names: tuple[str, ...], static: tuple) -> Callable:
-    key = (kernel, width, names, static)
+def _runner(kernel: Callable, width: int, names: tuple[str, ...], static: tuple, members: bool) -> Callable:
+    key = (kernel, width, names, static, members)
     if key not in _runners:
         constants = dict(static)
 
         def run(sc, *tensors):
-            values = dict(zip(names, sc.unbind(0)))
+            # a population's sc is (scalars, K): each value (K, 1), broadcast over the rows' member dimension
+            values = dict(zip(names, (sc.unsqueeze(-1) if members else sc).unbind(0)))
             for i in range(0, len(tensors), width):
                 kernel(*tensors[i:i + width], **values, **constants)
 
@@ -113,21 +130,24 @@ def _scalars_on(device: torch.device, values: tuple[float, ...]) -> torch.Tensor
 
 
 def _padding(like: torch.Tensor, width: int, count: int) -> list[torch.Tensor]:
-    """``count`` scratch rows of 2-element tensors; each tensor distinct, as dynamo guards on inputs that alias."""
-    key = (like.dtype, like.device, width)
+    """``count`` scratch rows of 2-element tensors (2 per member in a population); each tensor distinct, as dynamo
+    guards on inputs that alias."""
+    shape = (2,) if like.dim() == 1 else (like.shape[0], 2)
+    key = (like.dtype, like.device, width, shape)
     pads = _pads.setdefault(key, [])
     while len(pads) < count:
-        pads.append([torch.zeros(2, dtype=like.dtype, device=like.device) for _ in range(width)])
+        pads.append([torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(width)])
     return [t for row in pads[:count] for t in row]
 
 
-def run_chunks(kernel: Callable, rows: list[list[torch.Tensor]], s: dict, owner: str) -> bool:
+def run_chunks(kernel: Callable, rows: list[list[torch.Tensor]], s: dict, owner: str,
+               members: int | None = None) -> bool:
     """Applies ``kernel`` to every row (all of one dtype and device), ``CHUNK`` rows per compiled call.
 
     Returns False if ``torch.compile`` failed (no C++ compiler, an unsupported backend, ...); the rows it had not
     done were then updated eagerly, so the step is complete and correct either way.
     """
-    names, values, static = split_scalars(s)
+    names, values, static = split_scalars(s, members)
     width = len(rows[0])
     p = rows[0][0]
     sc = _scalars_on(p.device, values)
@@ -137,11 +157,11 @@ def run_chunks(kernel: Callable, rows: list[list[torch.Tensor]], s: dict, owner:
             chunk = [t for row in rows[i:i + CHUNK] for t in row]
             missing = CHUNK - len(chunk) // width
             try:
-                _runner(kernel, width, names, static)(sc, *chunk, *(_padding(p, width, missing) if missing else ()))
+                _runner(kernel, width, names, static, bool(members))(sc, *chunk, *(_padding(p, width, missing) if missing else ()))
             except Exception as exc:  # compiling fails before the graph runs: these rows are not updated yet
                 log.warning("%s: torch.compile failed (%s); using the eager loop", owner, exc)
                 for row in rows[i:]:
-                    kernel(*row, **s)
+                    kernel(*row, **(_members.shaped(s, row[0]) if members else s))
                 return False
     finally:
         fx_config.use_duck_shape = duck

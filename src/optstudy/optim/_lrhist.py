@@ -46,39 +46,58 @@ class LRHistogram:
 
 
 @torch.no_grad()
-def lr_histogram(optimizer, bins: int = 160, low: float = -10.0, high: float = 6.0) -> LRHistogram:
-    """Bins ``log10`` of ``optimizer``'s effective learning rates of its last step, per param group.
+def lr_histogram(optimizer, bins: int = 160, low: float = -10.0, high: float = 6.0):
+    """Bins ``log10`` of ``optimizer``'s effective learning rates of its last step, per param group; for a population
+    (``members=K``) a list of K histograms, member k's from its slice of every parameter.
 
     Each parameter's effective lr is computed, binned and dropped in turn, so memory stays at one parameter's size;
     everything stays on the parameter's device until the final small transfer of counts.
     """
+    members = getattr(optimizer, "members", None)
     n_groups = len(optimizer.param_groups)
-    counts = [None] * n_groups
-    mins = [torch.tensor(float("inf"))] * n_groups
-    maxs = [torch.tensor(float("-inf"))] * n_groups
+    acc = [_Counts(n_groups, bins) for _ in range(members or 1)]
     bounded = hasattr(optimizer, "clip_counts")
-    clipped = [[0, 0, 0] for _ in range(n_groups)]  # lower, upper, total elements
     for gi, group, p, state, s in optimizer.last_step():
-        x = optimizer.effective_lr(p, state, group, s).float().log10().flatten()
-        h = torch.histc(x.clamp(low, high), bins=bins, min=low, max=high).long()
-        counts[gi] = h if counts[gi] is None else counts[gi] + h
-        mins[gi] = torch.minimum(mins[gi].to(x.device), x.min())
-        maxs[gi] = torch.maximum(maxs[gi].to(x.device), x.max())
+        x = optimizer.effective_lr(p, state, group, s).float().log10()
+        clips = optimizer.clip_counts(p, state, group, s) if bounded else None
+        for k, counts in enumerate(acc):
+            counts.add(gi, x[k] if members else x, low, high,
+                       None if clips is None else [c[k] if members else c for c in clips], p.numel() // len(acc))
+    results = [counts.result(bins, low, high, bounded) for counts in acc]
+    return results if members else results[0]
+
+
+class _Counts:
+    """One histogram's running counts, minima, maxima and clipped counts, per group."""
+
+    def __init__(self, n_groups: int, bins: int):
+        self.bins, self.counts = bins, [None] * n_groups
+        self.mins = [torch.tensor(float("inf"))] * n_groups
+        self.maxs = [torch.tensor(float("-inf"))] * n_groups
+        self.clipped = [[0, 0, 0] for _ in range(n_groups)]  # lower, upper, total elements
+
+    def add(self, gi: int, x: torch.Tensor, low: float, high: float, clips, numel: int) -> None:
+        x = x.flatten()
+        h = torch.histc(x.clamp(low, high), bins=self.bins, min=low, max=high).long()
+        self.counts[gi] = h if self.counts[gi] is None else self.counts[gi] + h
+        self.mins[gi] = torch.minimum(self.mins[gi].to(x.device), x.min())
+        self.maxs[gi] = torch.maximum(self.maxs[gi].to(x.device), x.max())
+        if clips is not None:
+            self.clipped[gi][0] = self.clipped[gi][0] + clips[0]
+            self.clipped[gi][1] = self.clipped[gi][1] + clips[1]
+            self.clipped[gi][2] += numel
+
+    def result(self, bins: int, low: float, high: float, bounded: bool) -> LRHistogram:
+        zero = torch.zeros(bins, dtype=torch.long)
+        result = LRHistogram(
+            edges=torch.linspace(low, high, bins + 1, dtype=torch.float64),
+            counts=torch.stack([zero if c is None else c.cpu() for c in self.counts]),
+            min=torch.stack([m.cpu() for m in self.mins]).double(),
+            max=torch.stack([m.cpu() for m in self.maxs]).double(),
+        )
         if bounded:
-            n_lo, n_hi = optimizer.clip_counts(p, state, group, s)
-            clipped[gi][0] = clipped[gi][0] + n_lo
-            clipped[gi][1] = clipped[gi][1] + n_hi
-            clipped[gi][2] += p.numel()
-    zero = torch.zeros(bins, dtype=torch.long)
-    result = LRHistogram(
-        edges=torch.linspace(low, high, bins + 1, dtype=torch.float64),
-        counts=torch.stack([zero if c is None else c.cpu() for c in counts]),
-        min=torch.stack([m.cpu() for m in mins]).double(),
-        max=torch.stack([m.cpu() for m in maxs]).double(),
-    )
-    if bounded:
-        frac = [(torch.as_tensor(lo).cpu().double() / max(n, 1), torch.as_tensor(hi).cpu().double() / max(n, 1))
-                for lo, hi, n in clipped]
-        result.clipped_lower = torch.stack([f[0] for f in frac])
-        result.clipped_upper = torch.stack([f[1] for f in frac])
-    return result
+            frac = [(torch.as_tensor(lo).cpu().double() / max(n, 1), torch.as_tensor(hi).cpu().double() / max(n, 1))
+                    for lo, hi, n in self.clipped]
+            result.clipped_lower = torch.stack([f[0] for f in frac])
+            result.clipped_upper = torch.stack([f[1] for f in frac])
+        return result

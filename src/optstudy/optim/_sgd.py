@@ -63,7 +63,7 @@ class _SGDBase(CoreOptimizer):
         self.kernel(p, g, *(state[b] for b in self.buffers(group)), **s)
 
     def effective_lr(self, p, state, group, s):
-        return torch.full_like(p, s["lr"])
+        return torch.ones_like(p) * s["lr"]  # lr: a number, or per member
 
 
 class SGD(_SGDBase):
