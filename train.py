@@ -30,6 +30,10 @@ def precheck(argv: list[str]) -> None:
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    from optstudy.population import members
+
+    if members.active(cfg):  # population.*: K members trained at once
+        return _population(cfg)
     from optstudy.train import train, write_result
 
     try:
@@ -39,6 +43,18 @@ def main(cfg: DictConfig) -> float:
         sys.exit(getattr(exc, "exit_code", 2))  # 2: a mistake in the input; 3: the training diverged
     if cfg.get("result_file"):  # a study that started this process reads the outcome here
         write_result(result, cfg.result_file)
+    return result.value
+
+
+def _population(cfg: DictConfig) -> float:
+    from optstudy.population.run import report, train_population
+
+    try:
+        result = train_population(cfg)
+        report(result, cfg)
+    except OptstudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
     return result.value
 
 

@@ -156,6 +156,10 @@ def validate(cfg: DictConfig, overrides: list[str] = ()) -> None:
         raise ConfigError(f"bound={cfg.bound.name}: optimizer {name} has no learning-rate bounds, so it would be "
                           f"ignored; bounds are for {', '.join(bounded)}")
     optim.check(name, **kwargs)  # every hyperparameter's rule, as optim.build applies them
+    from optstudy.population import members
+
+    if members.active(cfg):
+        members.check(cfg)  # each member's values, as its standalone run checks them
     check_tracking(cfg)
 
 

@@ -141,6 +141,11 @@ def run(cfg: DictConfig) -> float:
 def train(cfg: DictConfig, callbacks: list | None = None) -> Result:
     """``run``, returning the MLflow run and every final metric too; ``callbacks``: extra Lightning callbacks
     (a study's pruning callback)."""
+    from optstudy.population.members import active
+
+    if active(cfg):
+        raise ConfigError("population: train(cfg) trains one model; a config with population.* values is trained by "
+                          "optstudy.population.run.train_population(cfg) (python train.py does so)")
     validate(cfg)
     _quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
