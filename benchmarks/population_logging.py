@@ -140,7 +140,7 @@ def one(uri: str, k_members: int, step: Step, steps: int) -> dict:
 
 
 def main() -> None:
-    parser = _cli.parser(__doc__, "about 3 minutes (165 s here at the defaults)")
+    parser = _cli.parser(__doc__, "about 2.5 minutes (150 s here at the defaults)")
     parser.add_argument("--sizes", default="1,4,16,64", help="population sizes K, comma-separated")
     parser.add_argument("--steps", type=int, default=1000, help="simulated training steps per population")
     parser.add_argument("--step-ms", type=float, default=20.0, help="work of one simulated step without logging, ms")

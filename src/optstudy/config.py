@@ -8,6 +8,7 @@ hyperparameters, imports torch only): ``python train.py optimzer=sgd`` answers i
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from pathlib import Path
@@ -103,11 +104,11 @@ def _missing_key(overrides: list[str], hydra_compose) -> ConfigError | None:
 
 
 # --- the composed config ----------------------------------------------------------------------------------------
-def optimizer_kwargs(cfg: DictConfig, notes: bool = True) -> dict:
+def optimizer_kwargs(cfg: DictConfig | dict, notes: bool = True) -> dict:
     """The optimizer's name and keywords from ``cfg.optimizer`` (and ``cfg.bound`` for the bounded ones)."""
     from optstudy import optim
 
-    hp = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    hp = _plain(cfg["optimizer"])  # a config, or a plain dict (a population's members)
     name = hp.pop("name")
     # an experiment sets e.g. betas for Adam; switching to SGD on the command line keeps them. A hyperparameter of
     # another core optimizer is dropped with a note; anything else still fails in optim.build as unknown
@@ -119,8 +120,12 @@ def optimizer_kwargs(cfg: DictConfig, notes: bool = True) -> dict:
     if isinstance(hp.get("betas"), list):
         hp["betas"] = tuple(hp["betas"])
     if "bound" in optim.defaults(name) and "bound" in cfg:
-        hp.setdefault("bound", OmegaConf.to_container(cfg.bound, resolve=True))
+        hp.setdefault("bound", _plain(cfg["bound"]))
     return {"name": name, **hp}
+
+
+def _plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else copy.deepcopy(node)
 
 
 def _integer(cfg: DictConfig, key: str, low: int, high: int | None = None) -> None:

@@ -239,12 +239,21 @@ class CoreOptimizer(torch.optim.Optimizer):
                 self.after_kernel(self.state[p], group, s)
         return stepped
 
+    def _views(self, group: dict) -> list[dict]:
+        """``_members.views`` of ``group``, made again only when one of its values changed (K dicts a step cost
+        ~0.4 ms at K = 64)."""
+        key = _members.signature(group)
+        cache = self.__dict__.setdefault("_view_cache", {})
+        if cache.get(id(group), (None,))[0] != key:
+            cache[id(group)] = (key, _members.views(group, self.members))
+        return cache[id(group)][1]
+
     def _buffer_names(self, group: dict) -> tuple[str, ...]:
         """``buffers(group)``; in a population whose members differ, the most any member needs (a member with
         momentum 0 beside others with momentum keeps a buffer, which then steps exactly as without one)."""
         if not (self.members and _members.varies(group)):
             return self.buffers(group)
-        return max((self.buffers(view) for view in _members.views(group, self.members)), key=len)
+        return max((self.buffers(view) for view in self._views(group)), key=len)
 
     def _init_state(self, p: torch.Tensor, state: dict, group: dict) -> None:
         """``init_state``; in a population whose members differ, each member's slice initialised with its own
@@ -266,7 +275,7 @@ class CoreOptimizer(torch.optim.Optimizer):
         if not (self.members and _members.varies(group)):
             decay = self._weight_decay(group)
             return lambda state: _as_numbers({**self.scalars(group, state), **decay})
-        views, owner, counts = _members.views(group, self.members), f"optimizer {self.name}", self.TENSOR_COUNTS
+        views, owner, counts = self._views(group), f"optimizer {self.name}", self.TENSOR_COUNTS
         decays = [self._weight_decay(view) for view in views]
         return lambda state: _members.merge_all(
             [_as_numbers({**self.scalars(view, _members.state_view(state, counts, i)), **decays[i]})
@@ -352,7 +361,7 @@ class CoreOptimizer(torch.optim.Optimizer):
         if not (self.members and _members.varies(group)):
             decay = self._weight_decay(group)
             return lambda state: {**self.scalars(group, state), **decay}
-        views, owner, counts = _members.views(group, self.members), f"optimizer {self.name}", self.TENSOR_COUNTS
+        views, owner, counts = self._views(group), f"optimizer {self.name}", self.TENSOR_COUNTS
         decays = [self._weight_decay(view) for view in views]
         return lambda state: _members.merge_all(
             [{**self.scalars(view, _members.state_view(state, counts, i)), **decays[i]}

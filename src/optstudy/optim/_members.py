@@ -126,6 +126,20 @@ def views(group: dict, k: int) -> list[dict]:
     return [{key: _pick(v, i) for key, v in group.items() if key != "params"} for i in range(k)]
 
 
+def signature(group: dict) -> tuple:
+    """What ``views`` depends on: each value's identity, and an array's contents (it may be changed in place)."""
+    return tuple((key, id(v), v.tobytes() if isinstance(v, np.ndarray) else _signature(v))
+                 for key, v in group.items() if key != "params")
+
+
+def _signature(value):
+    if isinstance(value, tuple):
+        return tuple(v.tobytes() if isinstance(v, np.ndarray) else v for v in value)
+    if isinstance(value, dict):
+        return tuple((k, v.tobytes() if isinstance(v, np.ndarray) else v) for k, v in value.items())
+    return None
+
+
 def state_view(state: dict, keys: tuple[str, ...], i: int) -> dict:
     """Member i's counts (NAdam's ``mu_product`` differs between members with different betas)."""
     if not any(isinstance(state.get(key), (np.ndarray, torch.Tensor)) and np.ndim(state[key]) == 1 for key in keys):

@@ -14,7 +14,7 @@ import copy
 import itertools
 import numbers
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from optstudy.errors import ConfigError
 
@@ -64,22 +64,33 @@ def _values(key: str, value) -> list:
     return [value]
 
 
-def member_configs(cfg: DictConfig) -> tuple[list[DictConfig], list[dict]]:
-    """The K member configs and, for each, what it sets (``{"optimizer.lr": 1e-4, "seed": 0}``)."""
+def member_dicts(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
+    """Each member's resolved config as a plain dict (``train.py``'s, Hydra's node left out) and what it sets
+    (``{"optimizer.lr": 1e-4, "seed": 0}``). Plain dicts: copying a DictConfig takes ~6 ms, 0.4 s for 64 members."""
     choices = _choices(cfg)
+    base = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in cfg.items() if k != "hydra"}
     # population back to train.yaml's defaults, key order kept: a member's config is its standalone run's
-    defaults = {k: False if k == "shared_order" else {b: None for b in cfg.population.bound} if k == "bound" else None
-                for k in cfg.population}
+    base["population"] = {k: False if k == "shared_order" else {b: None for b in v} if k == "bound" else None
+                          for k, v in base["population"].items()}
     settings = [dict(zip(choices, combo)) for combo in itertools.product(*choices.values())]
     members = []
     for setting in settings:
-        member = copy.deepcopy(cfg)
-        with open_dict(member):
-            for key, value in setting.items():
-                OmegaConf.update(member, key, value, merge=False, force_add=True)
-            member.population = defaults
+        member = copy.deepcopy(base)
+        for key, value in setting.items():
+            *path, leaf = key.split(".")
+            node = member
+            for part in path:
+                node = node[part]
+            node[leaf] = value
         members.append(member)
     return members, settings
+
+
+def member_configs(cfg: DictConfig) -> tuple[list[DictConfig], list[dict]]:
+    """``member_dicts`` as configs, each the one ``python train.py`` composes for that member alone."""
+    members, settings = member_dicts(cfg)
+    return [OmegaConf.create(m) for m in members], settings
 
 
 def check(cfg: DictConfig) -> None:
@@ -97,7 +108,7 @@ def check(cfg: DictConfig) -> None:
     shared = OmegaConf.select(cfg, "population.shared_order")
     if not isinstance(shared, bool):
         raise ConfigError(f"population.shared_order must be true or false, got {shared!r}")
-    members, settings = member_configs(cfg)
+    members, settings = member_dicts(cfg)
     for member, setting in zip(members, settings):
         kwargs = optimizer_kwargs(member, notes=False)
         name = kwargs.pop("name")

@@ -53,12 +53,11 @@ class PopulationResult:
 
 
 def train_population(cfg: DictConfig) -> PopulationResult:
-    validate(cfg)
-    pop.check(cfg)
+    validate(cfg)  # each member's values too (members.check)
     if cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path: resuming a population is not supported yet; train it again")
     _quiet_lightning()
-    configs, settings = pop.member_configs(cfg)
+    configs, settings = pop.member_dicts(cfg)
     start = time.perf_counter()
     modules, datasets = _build_members(cfg, configs)
     try:
@@ -66,17 +65,17 @@ def train_population(cfg: DictConfig) -> PopulationResult:
     except NotStackable as exc:
         print(f"note: model {cfg.model.name} cannot be stacked ({exc}); training its {len(configs)} members one "
               "after another", flush=True)
-        return _sequential(cfg, configs, settings, start)
+        return _sequential(cfg, [OmegaConf.create(c) for c in configs], settings, start)
     return _stacked(cfg, configs, settings, model, datasets, start)
 
 
 def _build_members(cfg, configs) -> tuple[list, list]:
     """Each member's model built exactly as its standalone run builds it: seeded, data loaded, model made."""
     modules, datasets, loaded = [], [], {}
-    data_seed = configs[0].seed if cfg.population.shared_order else None
+    data_seed = configs[0]["seed"] if cfg.population.shared_order else None
     for member in configs:
-        pl.seed_everything(member.seed, workers=True, verbose=False)
-        seed = member.seed if data_seed is None else data_seed
+        pl.seed_everything(member["seed"], workers=True, verbose=False)
+        seed = member["seed"] if data_seed is None else data_seed
         if seed not in loaded:  # the loaders draw from their own generators, not the global one
             loaded[seed] = data.load(cfg.data, seed)
         datasets.append((seed, loaded[seed]))
@@ -138,7 +137,7 @@ def _logger(cfg, configs, settings):
     tags = {"optimizer": cfg.optimizer.name, "model": cfg.model.name, "data": cfg.data.name,
             "mlflow.source.git.commit": git_commit()}
     extra = flatten(OmegaConf.to_container(cfg.tags, resolve=True))
-    members = [{"run_name": run_name(m), "params": _resolved(m),
+    members = [{"run_name": _run_name(m), "params": m,
                 "tags": {**tags, **extra, "population.setting": pop.label(s)}}
                for m, s in zip(configs, settings)]
     parent = cfg.logger.get("run_name") or f"{cfg.optimizer.name} population of {len(configs)}"
@@ -151,14 +150,14 @@ def _end_member(logger, rates, task, configs, out: Path, k: int, status: str, re
     run ended."""
     directory = out / f"member-{k}"
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.yaml").write_text(OmegaConf.to_yaml(_resolved(configs[k])))
+    (directory / "config.yaml").write_text(OmegaConf.to_yaml(configs[k]))
     paths = [directory / "config.yaml"]
     if rates is not None:
-        paths += rates.recorders[k].save(directory, None, run_name(configs[k]))
+        paths += rates.recorders[k].save(directory, None, _run_name(configs[k]))
     if task.trajectories[k]:
         trajectory = Trajectory()
         trajectory.rows = task.trajectories[k]
-        paths += trajectory.save(directory, task.model.member(k), run_name(configs[k]))
+        paths += trajectory.save(directory, task.model.member(k), _run_name(configs[k]))
     logger.close_member(k, status, reason, artifacts=paths, spill=directory / "undelivered_metrics.jsonl")
 
 
@@ -202,6 +201,11 @@ def _sequential(cfg, configs, settings, start) -> PopulationResult:
     if parent is not None:
         parent.close("FINISHED", artifacts=[write_table(result, out / "population.csv")])
     return result
+
+
+def _run_name(member: dict) -> str:
+    """``run_name`` of a member's plain config (from the few keys it reads)."""
+    return run_name(OmegaConf.create({k: member[k] for k in ("logger", "optimizer", "bound", "seed")}))
 
 
 class MemberRates(pl.Callback):

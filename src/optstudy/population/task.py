@@ -88,7 +88,7 @@ def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([x for x, _ in items]), torch.as_tensor(np.array([y for _, y in items]))
 
 
-def member_kwargs(members: list[DictConfig]) -> dict:
+def member_kwargs(members: list[dict]) -> dict:
     """The optimizer's keywords for ``optim.build(..., members=K)``: a value shared by all members once, else the
     list of each member's (a bound schedule's parameters likewise)."""
     each = [optimizer_kwargs(m, notes=False) for m in members]
@@ -107,14 +107,15 @@ def _one_or_all(values: list):
 
 
 class PopulationTask(pl.LightningModule):
-    """``model``: a ``Stacked`` module; ``members``: each member's config; ``train``/``val``: ``stacked_data``."""
+    """``model``: a ``Stacked`` module; ``members``: each member's resolved config (``members.member_dicts``);
+    ``train``/``val``: ``stacked_data``."""
 
-    def __init__(self, cfg: DictConfig, members: list[DictConfig], model, task: str, train, val):
+    def __init__(self, cfg: DictConfig, members: list[dict], model, task: str, train, val):
         super().__init__()
         self.cfg, self.members, self.model, self.task = cfg, members, model, task
         self.k = len(members)
         self.train_data, self.val_data = train, val
-        seeds = [m.seed for m in members]
+        seeds = [m["seed"] for m in members]
         self.order_seeds = [seeds[0]] * self.k if cfg.population.shared_order else seeds
         self.diverged: dict[int, str] = {}  # member -> reason
         self.first_loss: list[float | None] = [None] * self.k
@@ -129,7 +130,7 @@ class PopulationTask(pl.LightningModule):
         if self.task == "objective":  # the objectives ignore their batches: only their number matters
             return Steps(data, self.cfg.data.batch_size)
         xs, ys, source = data
-        seeds = self.order_seeds if shuffle else [m.seed for m in self.members]
+        seeds = self.order_seeds if shuffle else [m["seed"] for m in self.members]
         return Batches(xs.to(self.device), ys.to(self.device), source, seeds, self.cfg.data.batch_size, shuffle,
                        lambda: self.current_epoch)
 

@@ -5,9 +5,11 @@ artifacts: see ``optstudy.tracking``), plus the tags ``mlflow.parentRunId`` (the
 ``population.parent`` and ``population.member`` (its index k), so members and standalone runs compare side by side.
 
 Costs, SQLite store on the 2-core development VM (``benchmarks/population_logging.py``): creating K = 64 member runs
-takes ~1 s (two requests per member: MLflow has no batch run creation); a step's ``log_member_metrics`` is a list
-append on the training thread; the sender pays ~70 µs per metric value and ~4.5 ms per ``log_batch`` call, so rows are
-held until each run has many values to send (5 s, or ~1000 values per run).
+takes 1.3-1.8 s (three requests per member: MLflow has no batch run creation); ``log_member_metrics`` takes ~0.1 ms
+of the training thread at K = 64. The sender pays MLflow's ~70 µs per metric value (up to ~200 µs when it competes
+for the GIL and the cores) and ~4.5 ms per ``log_batch`` call, so rows are held until each run has many values to send
+(5 s, or ~1000 values per run). At K = 64 a step logs ~95 values: 7-20 ms of sender CPU per step, which made a 20 ms
+simulated step ~11 ms slower here (the VM's second core busy with other work at the time).
 """
 
 from __future__ import annotations
@@ -248,7 +250,7 @@ def _check(members: list[dict]) -> None:
 
 def _create_members(client, experiment_id: str, parent_id: str, members: list[dict]) -> list[str]:
     """One run per member, nested under the parent: its tags go with the run's creation, its params in batches of
-    MLflow's 100; two requests a member."""
+    MLflow's 100, after one query per distinct name for unique names."""
     from mlflow.entities import Param
 
     names = _unique_names(client, experiment_id, [m["run_name"] for m in members])
