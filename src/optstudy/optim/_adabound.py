@@ -9,7 +9,7 @@ import torch
 from optstudy.optim import _members
 from optstudy.optim._adam import _AdamBase
 from optstudy.optim._base import GROUP_KEYS
-from optstudy.optim._pieces import clip_, coupled_decay, ema_, ema_sq_, max_, sqrt
+from optstudy.optim._pieces import clip_, coupled_decay, ema_, ema_sq_, max_, num, sqrt
 from optstudy.optim._rules import fail
 from optstudy.optim.bounds import BoundSchedule, make_bound
 
@@ -69,7 +69,7 @@ class AdaBound(_AdamBase):
 
     def prepare_group(self, group):
         super().prepare_group(group)
-        group.setdefault("eta0", float(group["lr"]))  # a number: a tensor lr is filled in place by schedulers
+        group.setdefault("eta0", num(group["lr"]))  # a number: a tensor lr is filled in place by schedulers
         if not group["eta0"] > 0:
             raise fail(f"optimizer {self.name}", "lr", "must be > 0 when the optimizer is built (the bounds scale "
                        "with lr / initial lr)", group["eta0"])
@@ -84,11 +84,14 @@ class AdaBound(_AdamBase):
     def buffers(self, group):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsbound"] else ())
 
+    def vectorized(self, group):
+        return not _members.varies(group["bound"])
+
     def bounds(self, group, t: int) -> tuple[float, float]:
         """The (lower, upper) bound on the step size at step ``t`` for this group's current lr; in a population whose
         members differ, two arrays of K."""
-        if _members.varies(group):
-            lower, upper = zip(*(self.bounds(view, t) for view in _members.views(group, self.members)))
+        if not self.vectorized(group):
+            lower, upper = zip(*(self.bounds(view, t) for view in self._views(group)))
             return np.array(lower), np.array(upper)
         final = group["final_lr"] * group["lr"] / group["eta0"]
         schedule = _schedule(group["bound"])
@@ -99,7 +102,7 @@ class AdaBound(_AdamBase):
         beta1, beta2 = group["betas"]
         lo, hi = self.bounds(group, state["step"])
         return dict(step_size=group["lr"] * sqrt(bc2) / bc1, lo=lo, hi=hi, beta1=beta1,
-                    beta2=beta2, eps=float(group["eps"]))
+                    beta2=beta2, eps=num(group["eps"]))
 
     def _raw_lr(self, state, s) -> torch.Tensor:
         v = state.get("max_exp_avg_sq", state["exp_avg_sq"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from optstudy.optim._base import CoreOptimizer
-from optstudy.optim._pieces import coupled_decay, ema_, ema_sq_, max_, sqrt
+from optstudy.optim._pieces import coupled_decay, ema_, ema_sq_, max_, num, sqrt
 from optstudy.optim._rules import fail
 
 
@@ -68,7 +68,7 @@ class Adam(_AdamBase):
         bc1, bc2 = self.corrections(group, state) if group["bias_correction"] else (1.0, 1.0)
         beta1, beta2 = group["betas"]
         return dict(step_size=group["lr"] / bc1, bc2_sqrt=sqrt(bc2), beta1=beta1, beta2=beta2,
-                    eps=float(group["eps"]))
+                    eps=num(group["eps"]))
 
     def effective_lr(self, p, state, group, s):
         v = state.get("max_exp_avg_sq", state["exp_avg_sq"])
@@ -108,7 +108,7 @@ class Adamax(_AdamBase):
     def scalars(self, group, state):
         bc1, _ = self.corrections(group, state)
         beta1, beta2 = group["betas"]
-        return dict(clr=group["lr"] / bc1, beta1=beta1, beta2=beta2, eps=float(group["eps"]))
+        return dict(clr=group["lr"] / bc1, beta1=beta1, beta2=beta2, eps=num(group["eps"]))
 
     def effective_lr(self, p, state, group, s):
         return s["clr"] / state["exp_inf"]
@@ -156,7 +156,7 @@ class NAdam(_AdamBase):
         mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
         prod = state["mu_product"] * mu
         return dict(c_g=-lr * (1.0 - mu) / (1.0 - prod), c_m=-lr * mu_next / (1.0 - prod * mu_next),
-                    bc2=1 - beta2**t, beta1=beta1, beta2=beta2, eps=float(group["eps"]), lr=lr,
+                    bc2=1 - beta2**t, beta1=beta1, beta2=beta2, eps=num(group["eps"]), lr=lr,
                     mu_product=prod, mu=mu)
 
     def after_kernel(self, state, group, s):

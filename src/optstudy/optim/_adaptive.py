@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from optstudy.optim._base import CoreOptimizer
-from optstudy.optim._pieces import coupled_decay, ema_, ema_sq_
+from optstudy.optim._pieces import coupled_decay, ema_, ema_sq_, num
 
 
 def _sparse_like(g: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ class Adagrad(CoreOptimizer):
 
     def scalars(self, group, state):
         clr = group["lr"] / (1 + (state["step"] - 1) * group["lr_decay"])
-        return dict(clr=clr, eps=float(group["eps"]))
+        return dict(clr=clr, eps=num(group["eps"]))
 
     def sparse_step(self, p, g, state, group, s):
         if s["decay"] is not None:
@@ -88,7 +88,7 @@ class Adadelta(CoreOptimizer):
         return ("square_avg", "acc_delta", "acc_delta_prev")
 
     def scalars(self, group, state):
-        return dict(lr=group["lr"], rho=float(group["rho"]), eps=float(group["eps"]))
+        return dict(lr=group["lr"], rho=num(group["rho"]), eps=num(group["eps"]))
 
     def after_kernel(self, state, group, s):
         # the kernel read u from acc_delta and wrote the new u into acc_delta_prev: swap so that "acc_delta" is the
@@ -147,8 +147,8 @@ class RMSprop(CoreOptimizer):
             ("momentum_buffer",) if group["momentum"] > 0 else ())
 
     def scalars(self, group, state):
-        return dict(lr=group["lr"], alpha=float(group["alpha"]), eps=float(group["eps"]),
-                    momentum=float(group["momentum"]), centered=bool(group["centered"]))
+        return dict(lr=group["lr"], alpha=num(group["alpha"]), eps=num(group["eps"]),
+                    momentum=num(group["momentum"]), centered=bool(group["centered"]))
 
     def effective_lr(self, p, state, group, s):
         if "momentum_buffer" in state:

@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
 def sqrt(x):
-    """√x of a number (``math.sqrt``, as the references round it) or of a tensor (the step's scalars are 0-d tensors
-    when a caller compiles the step with ``torch.compile``)."""
-    return x.sqrt() if isinstance(x, torch.Tensor) else math.sqrt(x)
+    """√x of a number (``math.sqrt``, as the references round it), of a tensor (the step's scalars are 0-d tensors
+    when a caller compiles the step with ``torch.compile``) or of a population's per-member array (``np.sqrt``,
+    correctly rounded as ``math.sqrt``)."""
+    if isinstance(x, torch.Tensor):
+        return x.sqrt()
+    return np.sqrt(x) if isinstance(x, np.ndarray) else math.sqrt(x)
+
+
+def num(x):
+    """``float(x)`` of a group's value; a population's per-member array as it is (``optstudy.optim._members``)."""
+    return x if isinstance(x, np.ndarray) else float(x)
 
 
 def coupled_decay(p, g, wd, decay):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from optstudy.optim._base import CoreOptimizer
-from optstudy.optim._pieces import coupled_decay
+from optstudy.optim._pieces import coupled_decay, num
 from optstudy.optim._rules import fail
 
 
@@ -49,12 +49,12 @@ class _SGDBase(CoreOptimizer):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def scalars(self, group, state):
-        mu = float(group["momentum"])
+        mu = num(group["momentum"])
         later = state["step"] > 1  # a bool, or a tensor under torch.compile: so no branch on it
         return dict(
             lr=group["lr"],
             mu_buf=mu * later,  # 0 on the first step
-            keep=1.0 - float(group["dampening"]) * later,  # 1 on the first step
+            keep=1.0 - num(group["dampening"]) * later,  # 1 on the first step
             mu=mu,
             nesterov=bool(group["nesterov"]),
         )
