@@ -54,50 +54,64 @@ def lr_histogram(optimizer, bins: int = 160, low: float = -10.0, high: float = 6
     everything stays on the parameter's device until the final small transfer of counts.
     """
     members = getattr(optimizer, "members", None)
-    n_groups = len(optimizer.param_groups)
-    acc = [_Counts(n_groups, bins) for _ in range(members or 1)]
+    acc = _Counts(len(optimizer.param_groups), bins, low, high, members)
     bounded = hasattr(optimizer, "clip_counts")
     for gi, group, p, state, s in optimizer.last_step():
         x = optimizer.effective_lr(p, state, group, s).float().log10()
-        clips = optimizer.clip_counts(p, state, group, s) if bounded else None
-        for k, counts in enumerate(acc):
-            counts.add(gi, x[k] if members else x, low, high,
-                       None if clips is None else [c[k] if members else c for c in clips], p.numel() // len(acc))
-    results = [counts.result(bins, low, high, bounded) for counts in acc]
+        acc.add(gi, x, optimizer.clip_counts(p, state, group, s) if bounded else None)
+    results = [acc.result(k, bounded) for k in range(members or 1)]
     return results if members else results[0]
 
 
 class _Counts:
-    """One histogram's running counts, minima, maxima and clipped counts, per group."""
+    """Running counts, minima, maxima and clipped counts per group, each with a leading member dimension (1 for a
+    single model)."""
 
-    def __init__(self, n_groups: int, bins: int):
-        self.bins, self.counts = bins, [None] * n_groups
+    def __init__(self, n_groups: int, bins: int, low: float, high: float, members: int | None):
+        self.bins, self.low, self.high, self.members = bins, low, high, members
+        self.counts = [None] * n_groups
         self.mins = [torch.tensor(float("inf"))] * n_groups
         self.maxs = [torch.tensor(float("-inf"))] * n_groups
-        self.clipped = [[0, 0, 0] for _ in range(n_groups)]  # lower, upper, total elements
+        self.clipped = [[0, 0, 0] for _ in range(n_groups)]  # lower, upper, elements per member
 
-    def add(self, gi: int, x: torch.Tensor, low: float, high: float, clips, numel: int) -> None:
-        x = x.flatten()
-        h = torch.histc(x.clamp(low, high), bins=self.bins, min=low, max=high).long()
+    def add(self, gi: int, x: torch.Tensor, clips) -> None:
+        x = x.reshape(self.members or 1, -1)
+        h = self._binned(x)
         self.counts[gi] = h if self.counts[gi] is None else self.counts[gi] + h
-        self.mins[gi] = torch.minimum(self.mins[gi].to(x.device), x.min())
-        self.maxs[gi] = torch.maximum(self.maxs[gi].to(x.device), x.max())
+        self.mins[gi] = torch.minimum(self.mins[gi].to(x.device), x.amin(1))
+        self.maxs[gi] = torch.maximum(self.maxs[gi].to(x.device), x.amax(1))
         if clips is not None:
             self.clipped[gi][0] = self.clipped[gi][0] + clips[0]
             self.clipped[gi][1] = self.clipped[gi][1] + clips[1]
-            self.clipped[gi][2] += numel
+            self.clipped[gi][2] += x.shape[1]
 
-    def result(self, bins: int, low: float, high: float, bounded: bool) -> LRHistogram:
-        zero = torch.zeros(bins, dtype=torch.long)
+    def _binned(self, x: torch.Tensor) -> torch.Tensor:
+        """(members, bins) counts. One model: ``torch.histc``. A population: all members in one ``bincount``, each
+        value's bin found among the edges histc uses (linspace in the values' dtype; histc settles a value near an
+        edge by comparing it with them), so that member k's counts are its standalone run's."""
+        x = x.clamp(self.low, self.high)
+        if not self.members:
+            return torch.histc(x, bins=self.bins, min=self.low, max=self.high).long()[None]
+        edges = torch.linspace(self.low, self.high, self.bins + 1, dtype=x.dtype, device=x.device)
+        index = (torch.bucketize(x, edges, right=True) - 1).clamp_(0, self.bins - 1)
+        index += torch.arange(len(x), device=x.device)[:, None] * self.bins
+        return torch.bincount(index.flatten(), minlength=len(x) * self.bins).view(len(x), self.bins)
+
+    def result(self, k: int, bounded: bool) -> LRHistogram:
+        zero = torch.zeros(self.bins, dtype=torch.long)
         result = LRHistogram(
-            edges=torch.linspace(low, high, bins + 1, dtype=torch.float64),
-            counts=torch.stack([zero if c is None else c.cpu() for c in self.counts]),
-            min=torch.stack([m.cpu() for m in self.mins]).double(),
-            max=torch.stack([m.cpu() for m in self.maxs]).double(),
+            edges=torch.linspace(self.low, self.high, self.bins + 1, dtype=torch.float64),
+            counts=torch.stack([zero if c is None else c[k].cpu() for c in self.counts]),
+            min=torch.stack([m.reshape(-1)[k if m.numel() > 1 else 0].cpu() for m in self.mins]).double(),
+            max=torch.stack([m.reshape(-1)[k if m.numel() > 1 else 0].cpu() for m in self.maxs]).double(),
         )
         if bounded:
-            frac = [(torch.as_tensor(lo).cpu().double() / max(n, 1), torch.as_tensor(hi).cpu().double() / max(n, 1))
-                    for lo, hi, n in self.clipped]
+            frac = [(_member(lo, k) / max(n, 1), _member(hi, k) / max(n, 1)) for lo, hi, n in self.clipped]
             result.clipped_lower = torch.stack([f[0] for f in frac])
             result.clipped_upper = torch.stack([f[1] for f in frac])
         return result
+
+
+def _member(count, k: int) -> torch.Tensor:
+    count = torch.as_tensor(count).cpu().double()
+    return count[k] if count.dim() else count

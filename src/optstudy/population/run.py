@@ -108,9 +108,12 @@ def _stacked(cfg, configs, settings, model, datasets, start) -> PopulationResult
     try:
         trainer.fit(task)
     except BaseException as exc:
-        if logger is not None:
+        if logger is not None:  # each member keeps its artifacts so far, as a standalone run that fails does
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-            logger.close(status, f"{type(exc).__name__}: {exc}", spill=out / "undelivered_metrics.jsonl")
+            reason = "interrupted" if status == "KILLED" else f"{type(exc).__name__}: {exc}"
+            for k in task.alive():
+                _end_member(logger, rates, task, configs, out, k, status, reason)
+            logger.close(status, reason, spill=out / "undelivered_metrics.jsonl")
         raise
     result = _result(cfg, task, logger, settings, out, time.perf_counter() - start)
     if logger is not None:
