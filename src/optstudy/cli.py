@@ -48,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="Hydra overrides for every trial, e.g. trainer.max_epochs=1")
     run.add_argument("--storage", **storage)
     run.add_argument("--n-trials", type=int, help="at most this many trials from this worker")
+    run.add_argument("--population", type=int, help="ask up to this many trials at once and train them as "
+                                                    "populations (default: the study file's population, else 1)")
     run.add_argument("--heartbeat", type=int, default=30, help="seconds between heartbeats (database storages)")
     run.add_argument("--threads", type=int, help="torch threads per trial (default: $OMP_NUM_THREADS, else this "
                                                  "machine's cores shared among the workers training on it)")
@@ -70,7 +72,10 @@ def cmd_run(args) -> int:
     from optstudy.study import spec
     from optstudy.study.worker import Worker
 
-    worker = Worker(spec.load(args.file), args.storage, tuple(args.overrides), args.heartbeat, args.threads)
+    if args.population is not None and args.population < 1:
+        raise OptstudyError(f"--population must be an integer > 0, got {args.population}")
+    worker = Worker(spec.load(args.file), args.storage, tuple(args.overrides), args.heartbeat, args.threads,
+                    args.population)
     done = worker.run(args.n_trials)
     print(f"worker done: {done} trial(s) here; {summary(worker.study)}")
     return 0

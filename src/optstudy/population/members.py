@@ -64,16 +64,19 @@ def _values(key: str, value) -> list:
     return [value]
 
 
-def member_dicts(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
+def member_dicts(cfg: DictConfig, settings: list[dict] | None = None) -> tuple[list[dict], list[dict]]:
     """Each member's resolved config as a plain dict (``train.py``'s, Hydra's node left out) and what it sets
-    (``{"optimizer.lr": 1e-4, "seed": 0}``). Plain dicts: copying a DictConfig takes ~6 ms, 0.4 s for 64 members."""
-    choices = _choices(cfg)
+    (``{"optimizer.lr": 1e-4, "seed": 0}``): the product of ``population.*``, or the given ``settings`` (a study's
+    trials, which are no product; keys may add tags: ``tags.optuna.trial``). Plain dicts: copying a DictConfig takes
+    ~6 ms, 0.4 s for 64 members."""
     base = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
             for k, v in cfg.items() if k != "hydra"}
     # population back to train.yaml's defaults, key order kept: a member's config is its standalone run's
     base["population"] = {k: False if k == "shared_order" else {b: None for b in v} if k == "bound" else None
                           for k, v in base["population"].items()}
-    settings = [dict(zip(choices, combo)) for combo in itertools.product(*choices.values())]
+    if settings is None:
+        choices = _choices(cfg)
+        settings = [dict(zip(choices, combo)) for combo in itertools.product(*choices.values())]
     members = []
     for setting in settings:
         member = copy.deepcopy(base)
@@ -81,7 +84,7 @@ def member_dicts(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
             *path, leaf = key.split(".")
             node = member
             for part in path:
-                node = node[part]
+                node = node.setdefault(part, {})
             node[leaf] = value
         members.append(member)
     return members, settings
@@ -93,13 +96,14 @@ def member_configs(cfg: DictConfig) -> tuple[list[DictConfig], list[dict]]:
     return [OmegaConf.create(m) for m in members], settings
 
 
-def check(cfg: DictConfig) -> None:
+def check(cfg: DictConfig, settings: list[dict] | None = None) -> None:
     """Each member's seed and optimizer keywords checked as a standalone run checks them; the message names the
     ``population`` key and the member's value."""
     from optstudy import optim
     from optstudy.config import optimizer_kwargs
 
-    for key, values in _choices(cfg).items():
+    choices = _choices(cfg) if settings is None else {k: [s[k] for s in settings] for k in settings[0]}
+    for key, values in choices.items():
         for value in values:
             if key == "seed" and not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32):
                 raise ConfigError(f"population.seed must be integers in [0, 2**32 - 1], got {value!r}")
@@ -108,7 +112,7 @@ def check(cfg: DictConfig) -> None:
     shared = OmegaConf.select(cfg, "population.shared_order")
     if not isinstance(shared, bool):
         raise ConfigError(f"population.shared_order must be true or false, got {shared!r}")
-    members, settings = member_dicts(cfg)
+    members, settings = member_dicts(cfg, settings)
     for member, setting in zip(members, settings):
         kwargs = optimizer_kwargs(member, notes=False)
         name = kwargs.pop("name")

@@ -35,6 +35,7 @@ class Member:
     metrics: dict[str, float]  # every metric's last value
     run_id: str | None
     diverged: str | None  # the reason, if it diverged
+    stopped: str | None = None  # the reason, if a study stopped it early (pruned)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,12 +53,17 @@ class PopulationResult:
         return min((m.value for m in self.members if m.diverged is None), default=float("nan"))
 
 
-def train_population(cfg: DictConfig) -> PopulationResult:
+def train_population(cfg: DictConfig, settings: list[dict] | None = None,
+                     callbacks: list | None = None) -> PopulationResult:
+    """Trains the members ``cfg``'s ``population.*`` describes, or the given ``settings`` (``members.member_dicts``);
+    ``callbacks``: extra Lightning callbacks (a study's pruning), which see the ``PopulationTask``."""
     validate(cfg)  # each member's values too (members.check)
+    if settings is not None:
+        pop.check(cfg, settings)
     if cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path: resuming a population is not supported yet; train it again")
     _quiet_lightning()
-    configs, settings = pop.member_dicts(cfg)
+    configs, settings = pop.member_dicts(cfg, settings)
     start = time.perf_counter()
     modules, datasets = _build_members(cfg, configs)
     try:
@@ -66,7 +72,7 @@ def train_population(cfg: DictConfig) -> PopulationResult:
         print(f"note: model {cfg.model.name} cannot be stacked ({exc}); training its {len(configs)} members one "
               "after another", flush=True)
         return _sequential(cfg, [OmegaConf.create(c) for c in configs], settings, start)
-    return _stacked(cfg, configs, settings, model, datasets, start)
+    return _stacked(cfg, configs, settings, model, datasets, start, callbacks or [])
 
 
 def _build_members(cfg, configs) -> tuple[list, list]:
@@ -83,7 +89,7 @@ def _build_members(cfg, configs) -> tuple[list, list]:
     return modules, datasets
 
 
-def _stacked(cfg, configs, settings, model, datasets, start) -> PopulationResult:
+def _stacked(cfg, configs, settings, model, datasets, start, extra: list) -> PopulationResult:
     seeds = [seed for seed, _ in datasets]
     parts = [d for _, d in datasets]
     task = PopulationTask(cfg, configs, model, parts[0].task, stacked_data(parts, seeds, "train"),
@@ -97,14 +103,14 @@ def _stacked(cfg, configs, settings, model, datasets, start) -> PopulationResult
     rates = MemberRates(len(configs), int(cfg.logger.get("eff_lr_every_n_steps", 25))) if logger else None
     kwargs = trainer_kwargs(cfg)
     progress = Progress(task, cfg.objective, print_lines=not kwargs["enable_progress_bar"])
-    callbacks = [progress] + ([rates] if rates else [])
+    callbacks = [progress] + ([rates] if rates else []) + extra
     if cfg.checkpoint.enabled:
         callbacks.append(pl.callbacks.ModelCheckpoint(out / "checkpoints", save_top_k=0, save_last=True))
     trainer = make_trainer(kwargs, logger=logger or False, callbacks=callbacks, default_root_dir=out,
                            enable_checkpointing=bool(cfg.checkpoint.enabled))
     if logger is not None:
         logger.log_hyperparams(_resolved(cfg))
-        task.on_diverged = lambda k, reason: _end_member(logger, rates, task, configs, out, k, "FAILED", reason)
+        task.on_stopped = lambda k, status, reason: _end_member(logger, rates, task, configs, out, k, status, reason)
     try:
         trainer.fit(task)
     except BaseException as exc:
@@ -141,7 +147,7 @@ def _logger(cfg, configs, settings):
             "mlflow.source.git.commit": git_commit()}
     extra = flatten(OmegaConf.to_container(cfg.tags, resolve=True))
     members = [{"run_name": _run_name(m), "params": m,
-                "tags": {**tags, **extra, "population.setting": pop.label(s)}}
+                "tags": {**tags, **flatten(m.get("tags") or {}), "population.setting": pop.label(s)}}
                for m, s in zip(configs, settings)]
     parent = cfg.logger.get("run_name") or f"{cfg.optimizer.name} population of {len(configs)}"
     return PopulationLogger(tracking_uri(cfg.logger.get("tracking_uri")), cfg.logger.experiment, parent,
@@ -169,7 +175,7 @@ def _result(cfg, task, logger, settings, out, seconds) -> PopulationResult:
     for k, setting in enumerate(settings):
         metrics = dict(task.last[k])
         members.append(Member(setting, metrics.get(cfg.objective, float("nan")), metrics,
-                              logger.run_ids[k] if logger else None, task.diverged.get(k)))
+                              logger.run_ids[k] if logger else None, task.diverged.get(k), task.stopped.get(k)))
     return PopulationResult(members, logger.parent_run_id if logger else None, logger.uri if logger else None, out,
                             seconds, sequential=False)
 

@@ -118,9 +118,10 @@ class PopulationTask(pl.LightningModule):
         seeds = [m["seed"] for m in members]
         self.order_seeds = [seeds[0]] * self.k if cfg.population.shared_order else seeds
         self.diverged: dict[int, str] = {}  # member -> reason
+        self.stopped: dict[int, str] = {}  # member -> reason, for members a study pruned
         self.first_loss: list[float | None] = [None] * self.k
         self.last: list[dict[str, float]] = [{} for _ in range(self.k)]  # each member's latest metrics
-        self.on_diverged: Callable[[int, str], None] = lambda k, reason: None  # set by the runner
+        self.on_stopped: Callable[[int, str, str], None] = lambda k, status, reason: None  # set by the runner
         self._frozen: dict[int, list[torch.Tensor]] = {}
         self._val = torch.zeros(self.k, 3, dtype=torch.float64)
         self.trajectories: list[list[dict]] = [[] for _ in range(self.k)]  # objectives: metrics() after each step
@@ -153,9 +154,10 @@ class PopulationTask(pl.LightningModule):
             losses = self._losses(self.model(x), y)
         values = losses.detach().double().cpu().tolist()
         for k, value in enumerate(values):
-            if k not in self.diverged:
+            if k not in self.diverged and k not in self.stopped:
                 self._check_divergence(k, value)
-        alive = torch.tensor([k not in self.diverged for k in range(self.k)], device=losses.device)
+        alive = torch.tensor([k not in self.diverged and k not in self.stopped for k in range(self.k)],
+                             device=losses.device)
         t = self.global_step + 1  # the update this batch makes, as a standalone run labels it
         if self.logger is not None and t % self.trainer.log_every_n_steps == 0:
             self.logger.log_member_metrics(
@@ -165,7 +167,20 @@ class PopulationTask(pl.LightningModule):
         return torch.where(alive, losses, torch.zeros_like(losses)).sum()
 
     def alive(self) -> list[int]:
-        return [k for k in range(self.k) if k not in self.diverged]
+        return [k for k in range(self.k) if k not in self.diverged and k not in self.stopped]
+
+    def stop(self, k: int, reason: str) -> None:
+        """Freezes member k for a study that pruned it: its run ends KILLED with ``reason``, as a pruned standalone
+        run's does, and the others go on."""
+        if k in self.alive():
+            self.stopped[k] = reason
+            self._freeze(k, "KILLED", reason)
+
+    def _freeze(self, k: int, status: str, reason: str) -> None:
+        self._frozen[k] = [p[k].detach().clone() for p in self.model.parameters()]
+        self.on_stopped(k, status, reason)
+        if not self.alive():
+            self.trainer.should_stop = True
 
     def _check_divergence(self, k: int, value: float) -> None:
         """The standalone rule (``Task._check_divergence``), per member: the member is frozen, not the run."""
@@ -180,10 +195,7 @@ class PopulationTask(pl.LightningModule):
         else:
             return
         self.diverged[k] = reason
-        self._frozen[k] = [p[k].detach().clone() for p in self.model.parameters()]
-        self.on_diverged(k, reason)
-        if not self.alive():
-            self.trainer.should_stop = True
+        self._freeze(k, "FAILED", reason)
 
     def _schedule_metrics(self, k: int, t: int) -> dict[str, float]:
         """Member k's lr and (AdaBound) bounds for update ``t``."""
@@ -234,7 +246,7 @@ class PopulationTask(pl.LightningModule):
             self._objective_metrics(self.global_step, log=self.global_step % self.trainer.log_every_n_steps == 0)
 
     def _objective_metrics(self, step: int, log: bool) -> None:
-        rows = {k: m for k, m in enumerate(self.model.metrics()) if k not in self.diverged}
+        rows = {k: m for k, m in enumerate(self.model.metrics()) if k in self.alive()}
         for k, metrics in rows.items():
             self.last[k].update(metrics)
             self.trajectories[k].append({"step": step, **metrics})
@@ -262,7 +274,7 @@ class PopulationTask(pl.LightningModule):
                 metrics["val_acc"] = correct[k].item() / max(count[k].item(), 1)
             elif self.task == "language_model":
                 metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 700))
-            if k not in self.diverged:
+            if k in self.alive():
                 self.last[k].update(metrics)
                 rows[k] = metrics
         if self.logger is not None and not self.trainer.sanity_checking and rows:

@@ -9,6 +9,7 @@
     pruner: {name: median}         # median | hyperband | none (+ their keywords)
     enqueue_defaults: true         # the papers' defaults first (Adam lr=1e-3; AdaBound 1e-3, final_lr 0.1, γ 1e-3)
     overrides: [trainer.max_epochs=10]  # Hydra overrides that fix the problem
+    population: 16                 # ask up to 16 trials at once and train them as populations (default 1)
     optimizers:
       adabound:
         lr: {low: 1.0e-4, high: 1.0e-1, log: true}     # a range ...
@@ -102,6 +103,7 @@ class Study:
     pruner: dict = dataclasses.field(default_factory=lambda: {"name": "median"})
     enqueue_defaults: bool = True
     overrides: tuple[str, ...] = ()
+    population: int = 1  # trials asked at once and trained as populations (optstudy.study.population)
     source: dict = dataclasses.field(default_factory=dict)
 
     def grid(self) -> list[dict]:
@@ -171,7 +173,8 @@ def parse(raw, where: str = "study") -> Study:
         sampler=_component(raw.get("sampler", {"name": "tpe", "seed": 0}), SAMPLERS, f"{where}: sampler"),
         pruner=_component(raw.get("pruner", {"name": "median"}), PRUNERS, f"{where}: pruner"),
         enqueue_defaults=bool(raw.get("enqueue_defaults", True)),
-        overrides=tuple(str(o) for o in raw.get("overrides") or ()), source=raw)
+        overrides=tuple(str(o) for o in raw.get("overrides") or ()),
+        population=_positive_int(raw.get("population", 1), f"{where}: population"), source=raw)
     if study.sampler["name"] == "grid":
         _check_grid(study, where)
     else:

@@ -56,16 +56,24 @@ def overrides_for(params: dict) -> list[str]:
     out = [f"optimizer={params['optimizer']}"]
     if "bound" in params:
         out.append(f"bound={params['bound']}")
-    betas = {k: params[k] for k in ("beta1", "beta2") if k in params}
+    for key, value in assignments(params).items():
+        out.append(f"{key}=[{value[0]},{value[1]}]" if isinstance(value, list) else f"{key}={value}")
+    return out
+
+
+def assignments(params: dict) -> dict:
+    """A trial's searched values as config keys: ``{"optimizer.lr": 0.001, "optimizer.betas": [0.9, 0.99], ...}``
+    (the optimizer and bound schedule, which pick config groups, left out)."""
+    out = {}
     for key, value in params.items():
         if key in ("optimizer", "bound", "beta1", "beta2"):
             continue
         # gamma is the hyperbolic schedule's parameter: conf/bound/hyperbolic.yaml holds it
-        out.append(f"bound.gamma={value}" if key == "gamma" else f"{key}={value}" if key.startswith("bound.")
-                   else f"optimizer.{key}={value}")
+        out["bound.gamma" if key == "gamma" else key if key.startswith("bound.") else f"optimizer.{key}"] = value
+    betas = {k: params[k] for k in ("beta1", "beta2") if k in params}
     if betas:  # a beta not searched keeps the optimizer's default
         default = optim.defaults(params["optimizer"])["betas"]
-        out.append(f"optimizer.betas=[{betas.get('beta1', default[0])},{betas.get('beta2', default[1])}]")
+        out["optimizer.betas"] = [betas.get("beta1", default[0]), betas.get("beta2", default[1])]
     return out
 
 
@@ -113,10 +121,11 @@ class Pruning(pl.Callback):
 # --- the worker -------------------------------------------------------------------------------------------------------
 class Worker:
     def __init__(self, study: Study, storage_url: str | None = None, overrides: tuple[str, ...] = (),
-                 heartbeat: int = 30, threads: int | None = None):
+                 heartbeat: int = 30, threads: int | None = None, population: int | None = None):
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # a line per trial instead (_print_outcome)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True
         self.spec, self.extra = study, tuple(overrides)
+        self.population = population or study.population  # trials asked at once (--population, else the file's)
         self.stopped_by: Exception | None = None  # an error that ends this worker after the trial it failed
         env_threads = os.environ.get("OMP_NUM_THREADS", "")
         self.threads = threads or (int(env_threads) if env_threads.isdigit() else None)
@@ -208,21 +217,27 @@ class Worker:
                 optuna.storages.fail_stale_trials(self.study)
             if not self._budget_left():
                 break
-            self.study.optimize(self._objective, n_trials=1, catch=(Exception,), gc_after_trial=False,
-                                callbacks=[_print_outcome])
-            done += 1
+            if self.population > 1:
+                from optstudy.study.population import run_population
+
+                done += run_population(self, self.population)
+            else:
+                self.study.optimize(self._objective, n_trials=1, catch=(Exception,), gc_after_trial=False,
+                                    callbacks=[_print_outcome])
+                done += 1
             if self.stopped_by is not None:  # its trial is queued again for a worker that can reach the server
                 raise self.stopped_by
         return done
 
-    def _budget_left(self) -> bool:
+    def _budget_left(self) -> int:
+        """How many more trials this study may ask (grid: the points still waiting)."""
         trials = self.study.get_trials(deepcopy=False)
         if self.spec.sampler["name"] == "grid":
-            return any(t.state == TrialState.WAITING for t in trials)
+            return sum(t.state == TrialState.WAITING for t in trials)
         retried = {t.system_attrs.get("failed_trial") for t in trials} | {t.user_attrs.get("retry_of") for t in trials}
         spent = [t for t in trials if (t.state in FINISHED and t.number not in retried and
                                        not t.user_attrs.get("surplus")) or t.state == TrialState.RUNNING]
-        return len(spent) < self.spec.n_trials
+        return max(self.spec.n_trials - len(spent), 0)
 
     def _objective(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})

@@ -1,0 +1,115 @@
+"""Population studies (``population: K``, ``--population K``): K trials asked at once and trained as populations,
+each still an ordinary trial and MLflow run."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from optstudy.cli import main as cli
+from optstudy.study.storage import open_storage
+from tests.test_studies import study_file, trials
+
+GRID = {"adam": {"lr": [1e-3, 1e-2, 10.0]}, "momentum": {"lr": [0.01, 0.1]}}
+
+
+def _run(tmp_path, name, population, **fields):
+    path = study_file(tmp_path, name, seeds=[0, 1], sampler={"name": "grid"}, overrides=["trainer.max_epochs=2"],
+                      optimizers=GRID, **fields)
+    storage = str(tmp_path / f"{name}.journal")
+    assert cli(["study", "run", str(path), "--storage", storage, "--population", str(population)]) == 0
+    return storage
+
+
+def test_a_population_study_equals_the_one_at_a_time_study(tmp_path, mlflow_uri):
+    """How equivalence is judged: every configuration's value (the mean over its seeds) equals the one-at-a-time
+    study's within 1e-5 relative (the members equal their standalone runs; float32 rounding is ~1e-7), far inside
+    the seed noise (the two seeds differ by ~1e-2); a diverging configuration fails in both."""
+    one = {t.params["optimizer"] + str(t.params["lr"]): t for t in trials("one", _run(tmp_path, "one", 1))}
+    many = {t.params["optimizer"] + str(t.params["lr"]): t for t in trials("many", _run(tmp_path, "many", 8))}
+    assert one.keys() == many.keys() and len(many) == 5
+    for key, t in many.items():
+        assert t.state == one[key].state, key
+        if t.state == TrialState.COMPLETE:
+            assert t.value == pytest.approx(one[key].value, rel=1e-5), key
+            assert t.user_attrs["seed_values"] == pytest.approx(one[key].user_attrs["seed_values"], rel=1e-5)
+        else:
+            assert "diverged" in t.user_attrs["fail_reason"]
+    spread = [abs(a - b) for a, b in (t.user_attrs["seed_values"] for t in one.values() if t.value is not None)]
+    assert max(spread) > 1e-3  # the seed noise the tolerance is far inside
+
+
+def test_each_member_is_an_ordinary_trial_with_its_runs(tmp_path, mlflow_uri):
+    storage = _run(tmp_path, "runs", 8)
+    study = optuna.load_study(study_name="runs", storage=open_storage(storage)[0])
+    client = MlflowClient(mlflow_uri)
+    populations = set()
+    for t in study.get_trials():
+        assert len(t.user_attrs["mlflow_run_ids"]) == 2 and t.user_attrs["population_members"]
+        populations.add(t.user_attrs["population"])
+        for seed, run_id in zip([0, 1], t.user_attrs["mlflow_run_ids"]):
+            run = client.get_run(run_id)
+            assert run.data.tags["optuna.trial"] == str(t.number) and run.data.tags["seed"] == str(seed)
+            assert float(run.data.params["optimizer.lr"]) == t.params["lr"]
+            assert run.data.tags["mlflow.parentRunId"] == t.user_attrs["population"]
+        if t.state == TrialState.COMPLETE:
+            assert len(t.intermediate_values) == 4  # 2 epochs x 2 seeds, at the one-at-a-time steps
+    assert len(populations) == 2  # one per optimizer
+    for parent in populations:  # each population nests under the study's parent run
+        tags = client.get_run(parent).data.tags
+        assert tags["mlflow.parentRunId"] == study.user_attrs["mlflow_parent_run_id"]
+
+
+def test_the_report_is_the_same_with_populations(tmp_path, mlflow_uri):
+    reports = {}
+    for name, k in (("rep1", 1), ("rep8", 8)):
+        storage = _run(tmp_path, name, k)
+        assert cli(["study", "report", name, "--storage", storage, "--out", str(tmp_path / name)]) == 0
+        reports[name] = pd.read_csv(tmp_path / name / "lr_sensitivity.csv")
+    a, b = (r.sort_values(list(r.columns[:2])).reset_index(drop=True) for r in reports.values())
+    assert list(a.columns) == list(b.columns) and len(a) == len(b) > 0
+    for column in a.columns:
+        if pd.api.types.is_numeric_dtype(a[column]):
+            assert ((a[column] - b[column]).abs() <= 1e-5 * a[column].abs() + 1e-12).all() or \
+                (a[column].isna() == b[column].isna()).all() and math.isnan(a[column].sum()), column
+        else:
+            assert (a[column] == b[column]).all(), column
+
+
+def test_hyperband_prunes_within_a_population(tmp_path, mlflow_uri):
+    """Hyperband compares trials at the same step, running ones included: members are pruned mid-population."""
+    path = study_file(tmp_path, "hb", n_trials=8, seeds=[0], sampler={"name": "random", "seed": 3},
+                      pruner={"name": "hyperband", "reduction_factor": 2}, overrides=["trainer.max_epochs=6"],
+                      enqueue_defaults=False, optimizers={"sgd": {"lr": {"low": 1e-5, "high": 1.0, "log": True}}})
+    storage = str(tmp_path / "hb.journal")
+    assert cli(["study", "run", str(path), "--storage", storage, "--population", "8"]) == 0
+    done = trials("hb", storage)
+    assert len(done) == 8 and len({t.user_attrs["population"] for t in done}) == 1
+    pruned = [t for t in done if t.state == TrialState.PRUNED]
+    assert pruned and all(len(t.intermediate_values) < 6 for t in pruned)
+    assert any(t.state == TrialState.COMPLETE for t in done)
+
+
+def test_tpe_asks_k_distinct_points(tmp_path, mlflow_uri):
+    path = study_file(tmp_path, "tpe", n_trials=6, seeds=[0], sampler={"name": "tpe", "seed": 0},
+                      enqueue_defaults=False, overrides=["trainer.max_epochs=1"],
+                      optimizers={"adam": {"lr": {"low": 1e-4, "high": 1e-1, "log": True}}})
+    storage = str(tmp_path / "tpe.journal")
+    assert cli(["study", "run", str(path), "--storage", storage, "--population", "3"]) == 0
+    done = trials("tpe", storage)
+    assert len(done) == 6 and len({t.params["lr"] for t in done}) == 6
+    assert len({t.user_attrs["population"] for t in done}) == 2  # 3 at a time
+
+
+def test_a_bad_population_value_is_refused(tmp_path, capsys):
+    path = study_file(tmp_path, "bad", population=0)
+    assert cli(["study", "run", str(path), "--storage", str(tmp_path / "b.journal")]) == 2
+    assert "bad.yaml: population must be an integer > 0, got 0" in capsys.readouterr().err
+    assert cli(["study", "run", str(study_file(tmp_path, "ok")), "--storage", str(tmp_path / "b.journal"),
+                "--population", "-2"]) == 2
+    assert "--population must be an integer > 0, got -2" in capsys.readouterr().err
