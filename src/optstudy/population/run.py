@@ -94,7 +94,9 @@ def _stacked(cfg, configs, settings, model, datasets, start, extra: list) -> Pop
     parts = [d for _, d in datasets]
     task = PopulationTask(cfg, configs, model, parts[0].task, stacked_data(parts, seeds, "train"),
                           stacked_data(parts, seeds, "val"))
-    set_threads(cfg, model)
+    # threads as each member's standalone run takes them (one for small models): two threads stall whenever another
+    # process holds one of the 2 cores (see set_threads), and studies run several workers; trainer.threads=N overrides
+    set_threads(cfg, model.member(0))
     names = _metric_names(task)
     if cfg.objective not in names:
         raise ConfigError(f"objective must be one of {', '.join(names)}, got {cfg.objective!r}")

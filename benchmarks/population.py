@@ -1,0 +1,115 @@
+"""Trials per hour of whole studies (Optuna and MLflow included), one trial at a time against populations of K trials.
+
+    python benchmarks/population.py [--problems digits_mlp mnist1d_mlp digits_cnn] [--studies a b]
+                                    [--ks 1 4 16 64 144] [--epochs 5] [--seconds 240] [--quick]
+
+Studies, both grids: (a) Adam at 36 log-spaced learning rates from 1e-5 to 1e2 (DeepOBS's), 4 seeds each: 36
+trials of 4 runs; (b) the twelve optimizers at 12 learning rates from 1e-4 to 1, 1 seed: 144 trials. Each cell is
+one ``optstudy study run --population K`` worker on a fresh journal file and MLflow SQLite store, stopped after
+``--seconds`` if the study is not done by then (K = 1 on the slower problems). A population holds K trials x the
+study's seeds; the grouping by optimizer caps study (b)'s populations at 12 trials.
+
+Printed per cell: trials done, wall seconds, trials and runs per hour, the worker's start-up (launch to its first
+trial), the seconds in training and validation epochs (the trials' ``train_seconds``), the rest (building models and
+data, Optuna, MLflow runs and logging, artifacts), and the worker's peak RSS. The last line is
+``population study speedup: <x>x trials/hour at K=<k> (digits mlp)``, study (a)'s best K against K = 1.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _cli  # benchmarks/_cli.py (a script's folder is on sys.path)
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBLEMS = {
+    "digits_mlp": ["model=mlp", "data=digits"],
+    "mnist1d_mlp": ["experiment=mnist1d_mlp"],
+    "digits_cnn": ["model=cnn", "data=digits", "model.channels=[16,16,32]", "model.hidden=64"],
+}
+NAMES = ["sgd", "momentum", "nesterov", "adagrad", "adadelta", "rmsprop", "adam", "adamax", "nadam", "amsgrad",
+         "adabound", "amsbound"]
+
+
+def study(which: str, problem: str, epochs: int) -> dict:
+    grid = lambda lo, hi, n: [float(f"{x:.3g}") for x in np.logspace(lo, hi, n)]  # noqa: E731
+    optimizers = ({"adam": {"lr": grid(-5, 2, 36)}} if which == "a" else {n: {"lr": grid(-4, 0, 12)} for n in NAMES})
+    return {"name": f"bench_{which}_{problem}", "objective": "val_loss", "seeds": [0, 1, 2, 3] if which == "a" else [0],
+            "sampler": {"name": "grid"}, "pruner": {"name": "none"},
+            "overrides": [*PROBLEMS[problem], f"trainer.max_epochs={epochs}"], "optimizers": optimizers}
+
+
+def cell(which: str, problem: str, k: int, epochs: int, seconds: float) -> dict:
+    import optuna
+
+    from optstudy.study.storage import open_storage
+
+    work = Path(tempfile.mkdtemp(prefix=f"optstudy-pop{k}-"))
+    spec = study(which, problem, epochs)
+    path = work / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    start = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "optstudy.cli", "study", "run", str(path), "--storage",
+                             str(work / "study.journal"), "--population", str(k)], cwd=work, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    wall = time.time() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child so far, MiB
+    trials = optuna.load_study(study_name=spec["name"], storage=open_storage(str(work / "study.journal"))[0]).trials
+    done = [t for t in trials if t.state.name in ("COMPLETE", "FAIL") and "worker stopped" not in
+            t.user_attrs.get("fail_reason", "")]
+    first = min((t.datetime_start.timestamp() for t in trials if t.datetime_start), default=start)
+    train = sum(t.user_attrs.get("train_seconds", 0.0) for t in done)
+    return dict(trials=len(done), runs=len(done) * len(spec["seeds"]), wall=wall, startup=first - start, train=train,
+                peak=peak)
+
+
+def main() -> None:
+    p = _cli.parser(__doc__, "about 45 minutes at the defaults; --quick under 4 minutes")
+    p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    p.add_argument("--studies", nargs="+", default=["a", "b"], choices=["a", "b"])
+    p.add_argument("--ks", nargs="+", type=int, default=[1, 4, 16, 64, 144], help="trials per population")
+    p.add_argument("--epochs", type=int, default=5, help="epochs per run")
+    p.add_argument("--seconds", type=float, default=240.0, help="a cell's longest run before the worker is stopped")
+    p.add_argument("--quick", action="store_true", help="study (a) on the digits MLP, K = 1, 16, 64; 60 s cells")
+    args = p.parse_args()
+    if args.quick:
+        args.problems, args.studies, args.ks, args.seconds = ["digits_mlp"], ["a"], [1, 16, 64], 60.0
+    print(f"{args.epochs} epochs per run; one worker; Optuna journal file, MLflow SQLite; cells stop after "
+          f"{args.seconds:.0f} s", flush=True)
+    print(f"{'problem':<12} {'study':>5} {'K':>4} {'trials':>6} {'wall s':>7} {'trials/h':>9} {'runs/h':>8} "
+          f"{'start-up s':>10} {'epochs s':>9} {'other s':>8} {'peak MiB':>9}", flush=True)
+    best = {}
+    for problem in args.problems:
+        for which in args.studies:
+            base = None
+            for k in args.ks:
+                r = cell(which, problem, k, args.epochs, args.seconds)
+                rate = r["trials"] / r["wall"] * 3600
+                base = base or rate
+                if problem == "digits_mlp" and which == "a" and k > 1:
+                    best = max(best, {"x": rate / base, "k": k}, key=lambda b: b.get("x", 0))
+                other = r["wall"] - r["startup"] - r["train"]
+                print(f"{problem:<12} {which:>5} {k:>4} {r['trials']:>6} {r['wall']:>7.1f} {rate:>9.0f} "
+                      f"{r['runs'] / r['wall'] * 3600:>8.0f} {r['startup']:>10.1f} {r['train']:>9.1f} {other:>8.1f} "
+                      f"{r['peak']:>9.0f}", flush=True)
+    if best:
+        print(f"population study speedup: {best['x']:.1f}x trials/hour at K={best['k']} (digits mlp)")
+
+
+if __name__ == "__main__":
+    main()
