@@ -147,6 +147,9 @@ def validate(cfg: DictConfig, overrides: list[str] = ()) -> None:
         _integer(cfg, "trainer.max_epochs", 0)
     if OmegaConf.select(cfg, "logger.eff_lr_every_n_steps") is not None:
         _integer(cfg, "logger.eff_lr_every_n_steps", 1)
+    draw = OmegaConf.select(cfg, "logger.eff_lr_heatmap")
+    if draw is not None and not isinstance(draw, bool):
+        raise ConfigError(f"logger.eff_lr_heatmap must be true or false, got {draw!r}")
     wait = OmegaConf.select(cfg, "logger.outage_wait")
     if wait is not None and not (isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait >= 0):
         raise ConfigError(f"logger.outage_wait must be a number of seconds >= 0, got {wait!r}")

@@ -36,8 +36,8 @@ def summary(hist, group: int) -> dict[str, float]:
 class EffectiveLR(Callback):
     """Logs effective-lr quantiles every ``every`` steps and keeps the histograms for ``save``."""
 
-    def __init__(self, every: int = 25, bins: int = 160, low: float = -10.0, high: float = 6.0):
-        self.every, self.bins, self.low, self.high = every, bins, low, high
+    def __init__(self, every: int = 25, bins: int = 160, low: float = -10.0, high: float = 6.0, draw: bool = True):
+        self.every, self.bins, self.low, self.high, self.draw = every, bins, low, high, draw
         self.steps: list[int] = []
         self.records: list = []  # LRHistogram per recorded step
         self.bounds: list = []  # per recorded step: [[lower, upper] per group], for AdaBound/AMSBound
@@ -65,7 +65,8 @@ class EffectiveLR(Callback):
             self.bounds.append([[float(b) for b in opt.bounds(g, step)] for g in opt.param_groups])
 
     def save(self, directory: Path, model=None, title: str = "") -> list[Path]:
-        """Writes the npz and the heatmap into ``directory``; returns their paths (none if nothing was recorded)."""
+        """Writes the npz and (``draw``) the heatmap into ``directory``; returns their paths (none if nothing was
+        recorded)."""
         if not self.records:
             return []
         directory.mkdir(parents=True, exist_ok=True)
@@ -80,8 +81,9 @@ class EffectiveLR(Callback):
             arrays["bounds"] = np.array(self.bounds)  # (records, groups, 2): lower, upper
         data = directory / "eff_lr_histograms.npz"
         np.savez_compressed(data, **arrays)
-        image = heatmap(arrays, directory / "eff_lr_heatmap.png", title)
-        return [data, image]
+        if not self.draw:  # the histograms are the data; a study's report draws its best runs' heatmaps from them
+            return [data]
+        return [data, heatmap(arrays, directory / "eff_lr_heatmap.png", title)]
 
 
 def heatmap(arrays: dict, path: Path, title: str = "") -> Path:

@@ -211,7 +211,8 @@ def _recorders(cfg, module, logger) -> list:
     if logger is None:
         return []
     every = cfg.logger.get("eff_lr_every_n_steps", 25)
-    return [EffectiveLR(every)] + ([Trajectory()] if module.task == "objective" else [])
+    draw = bool(cfg.logger.get("eff_lr_heatmap", True))
+    return [EffectiveLR(every, draw=draw)] + ([Trajectory()] if module.task == "objective" else [])
 
 
 def _finish(trainer, logger, recorders, cfg, out: Path, exc: BaseException | None) -> None:

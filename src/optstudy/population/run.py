@@ -102,7 +102,8 @@ def _stacked(cfg, configs, settings, model, datasets, start, extra: list) -> Pop
         raise ConfigError(f"objective must be one of {', '.join(names)}, got {cfg.objective!r}")
     out = output_dir(cfg)
     logger = _logger(cfg, configs, settings)
-    rates = MemberRates(len(configs), int(cfg.logger.get("eff_lr_every_n_steps", 25))) if logger else None
+    rates = MemberRates(len(configs), int(cfg.logger.get("eff_lr_every_n_steps", 25)),
+                        bool(cfg.logger.get("eff_lr_heatmap", True))) if logger else None
     kwargs = trainer_kwargs(cfg)
     progress = Progress(task, cfg.objective, print_lines=not kwargs["enable_progress_bar"])
     callbacks = [progress] + ([rates] if rates else []) + extra
@@ -223,9 +224,9 @@ class MemberRates(pl.Callback):
     """``EffectiveLR`` per member: one ``lr_histogram`` of the population every ``every`` steps (and after the first
     and the last), each member's quantiles to its run and its histograms kept for its heatmap."""
 
-    def __init__(self, k: int, every: int):
+    def __init__(self, k: int, every: int, draw: bool = True):
         self.every = every
-        self.recorders = [EffectiveLR(every) for _ in range(k)]
+        self.recorders = [EffectiveLR(every, draw=draw) for _ in range(k)]
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         step = trainer.global_step

@@ -88,6 +88,7 @@ def _ask(worker, k: int, suggest) -> list:
 def _train_group(worker, name: str, bound: str | None, group: list, assignments) -> list[tuple]:
     """One population for ``group``'s trials x the study's seeds; returns (state, value) per trial."""
     from optstudy.population.run import train_population
+    from optstudy.study.worker import NO_HEATMAP
 
     spec, seeds = worker.spec, list(worker.spec.seeds)
     attrs = worker.study.user_attrs
@@ -100,7 +101,8 @@ def _train_group(worker, name: str, bound: str | None, group: list, assignments)
     worker._share_cores()
     with tempfile.TemporaryDirectory(prefix="optstudy-population-") as tmp:
         overrides = [*spec.overrides, f"optimizer={name}", *([f"bound={bound}"] if bound else []),
-                     f"objective={worker.objective}", f"logger.experiment={spec.name}", "checkpoint.enabled=false",
+                     f"objective={worker.objective}", f"logger.experiment={spec.name}", *NO_HEATMAP,
+                     "checkpoint.enabled=false",
                      f"checkpoint.dir={tmp}", f"+tags.mlflow.parentRunId={attrs['mlflow_parent_run_id']}",
                      f"+tags.optuna.study={spec.name}", f"logger.run_name='{name} population of {len(settings)}'",
                      *worker.extra]
