@@ -1,6 +1,6 @@
 """Reliability under load: workers on one PostgreSQL storage and one MLflow server, killed at random and restarted.
 
-    python benchmarks/load_test.py [--workers 4] [--points 240] [--kill-every 6] [--timeout 1500]
+    python benchmarks/load_test.py [--workers 4] [--points 240] [--kill-every 6] [--timeout 1500] [--population 1]
 
 Starts a throwaway PostgreSQL (scripts/postgres.sh; or uses $OPTSTUDY_TEST_POSTGRES_URL and
 $OPTSTUDY_TEST_POSTGRES_MLFLOW_URL) and an ``mlflow server`` on it, then runs a grid study of ``--points`` short
@@ -69,10 +69,10 @@ def study_file(work: Path, points: int) -> tuple[Path, str]:
     return path, name
 
 
-def start_worker(path: Path, storage: str, env: dict, log) -> subprocess.Popen:
+def start_worker(path: Path, storage: str, env: dict, log, population: int = 1) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "optstudy.cli", "study", "run", str(path), "--storage", storage,
-                             "--heartbeat", "2"], cwd=path.parent, env=env, stdout=log, stderr=log,
-                            start_new_session=True)
+                             "--heartbeat", "2", "--population", str(population)], cwd=path.parent, env=env,
+                            stdout=log, stderr=log, start_new_session=True)
 
 
 def study_ready(name: str, storage: str) -> bool:
@@ -107,6 +107,8 @@ def main() -> int:
     parser.add_argument("--kill-every", type=float, default=6.0, help="mean seconds between kills")
     parser.add_argument("--timeout", type=float, default=1500, help="seconds before giving up")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
+    parser.add_argument("--population", type=int, default=1,
+                        help="trials each worker asks at once and trains as a population (a kill hits all of them)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="optstudy-load-"))
@@ -117,7 +119,7 @@ def main() -> int:
     log = open(work / "workers.log", "w")
     kills = collections.Counter()
     start = time.monotonic()
-    workers = [start_worker(path, storage, env, log) for _ in range(args.workers)]
+    workers = [start_worker(path, storage, env, log, args.population) for _ in range(args.workers)]
     try:
         # kills start once the study is set up: a first worker killed while it creates the study leaves it unready
         # (joining workers then say so and stop), a start-up matter outside what this test measures
@@ -131,7 +133,7 @@ def main() -> int:
                 os.killpg(workers[victim].pid, sig)  # the whole group: a worker and anything it started
                 kills[sig.name] += 1
             workers[victim].wait()
-            workers[victim] = start_worker(path, storage, env, log)
+            workers[victim] = start_worker(path, storage, env, log, args.population)
         for w in workers:  # let the last trials finish: workers stop on their own once the grid is done
             w.wait(timeout=300)
         elapsed = time.monotonic() - start

@@ -113,3 +113,23 @@ def test_a_bad_population_value_is_refused(tmp_path, capsys):
     assert cli(["study", "run", str(study_file(tmp_path, "ok")), "--storage", str(tmp_path / "b.journal"),
                 "--population", "-2"]) == 2
     assert "--population must be an integer > 0, got -2" in capsys.readouterr().err
+
+
+def test_a_worker_killed_mid_population_leaves_every_trial_to_retry(tmp_path, mlflow_uri):
+    """Journal file: the next worker sees the dead process's RUNNING trials, fails them and queues each again;
+    nothing is lost and nothing runs twice."""
+    from tests.test_studies import _kill_first_running_trial, finish, worker
+
+    path = study_file(tmp_path, "killedpop", seeds=[0], sampler={"name": "grid"}, overrides=["trainer.max_epochs=60"],
+                      optimizers={"adam": {"lr": [1e-3, 3e-3, 1e-2]}})
+    storage = str(tmp_path / "killedpop.journal")
+    _kill_first_running_trial(worker(path, storage, "--population", "3"), "killedpop", storage)
+    dead = trials("killedpop", storage, (TrialState.RUNNING,))
+    assert len(dead) == 3  # the whole population was running
+    finish(worker(path, storage, "--population", "3"))
+    done = trials("killedpop", storage)
+    for t in dead:
+        assert done[t.number].state == TrialState.FAIL and "died" in done[t.number].user_attrs["fail_reason"]
+    complete = [t for t in done if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["lr"] for t in complete) == [1e-3, 3e-3, 1e-2]  # each point once
+    assert all(t.user_attrs.get("retry_of") in {d.number for d in dead} for t in complete)
