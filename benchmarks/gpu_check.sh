@@ -49,6 +49,11 @@ print(f"{dev}: largest relative difference member vs standalone: {worst:.2e} (bo
       f"{'PASS' if worst <= 1e-12 else 'FAIL'}")
 PY
 
+if [ "$TRAINER" = trainer=gpu ]; then
+    echo "== optimizer step on the GPU (ResNet-18's shapes; torch's fused/foreach against ours)"
+    $PY benchmarks/optimizer_step.py --device cuda --names sgd,adam,adabound,rmsprop --repeats 5
+fi
+
 echo "== train.py $TRAINER on the default problem (3 epochs)"
 $PY train.py $TRAINER logger=none trainer.max_epochs=3 checkpoint.enabled=false
 

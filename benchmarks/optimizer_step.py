@@ -84,13 +84,16 @@ def resnet18_shapes() -> list[tuple[int, ...]]:
     return shapes + [(1000, 512), (1000,)]
 
 
+DEVICE = torch.device("cpu")  # --device
+
+
 def make_params(shapes, dtype) -> list[torch.Tensor]:
-    """Fresh parameters with fixed random gradients (the same seed for every optimizer)."""
+    """Fresh parameters with fixed random gradients (the same seed for every optimizer), on ``DEVICE``."""
     gen = torch.Generator().manual_seed(0)
     params = []
     for shape in shapes:
-        p = torch.randn(shape, generator=gen, dtype=dtype).requires_grad_()
-        p.grad = torch.randn(shape, generator=gen, dtype=dtype)
+        p = torch.randn(shape, generator=gen, dtype=dtype).to(DEVICE).requires_grad_()
+        p.grad = torch.randn(shape, generator=gen, dtype=dtype).to(DEVICE)
         params.append(p)
     return params
 
@@ -101,7 +104,7 @@ def torch_baseline(name: str, dtype) -> tuple[str, Callable]:
     cls_name, kwargs = TORCH_EQUIVALENT[name]
     cls, lr = getattr(torch.optim, cls_name), o.defaults(name)["lr"]
     try:
-        probe = torch.zeros(4, dtype=dtype, requires_grad=True)
+        probe = torch.zeros(4, dtype=dtype, device=DEVICE, requires_grad=True)
         probe.grad = torch.ones_like(probe)
         cls([probe], lr=lr, fused=True, **kwargs).step()
         kind = "fused"
@@ -131,9 +134,12 @@ def machine_cpu_seconds() -> float:
 
 def time_steps(opt, steps: int) -> float:
     """Seconds per step over ``steps`` consecutive steps."""
+    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         opt.step()
+    sync()  # the GPU's queue drained: its work is timed, not its launch
     return (time.perf_counter() - t0) / steps
 
 
@@ -143,7 +149,7 @@ class BandwidthProbe:
     interleaved with them, so the floor it gives drifts with the machine as they do."""
 
     def __init__(self, numel: int, dtype):
-        self.a, self.b = torch.randn(numel).to(dtype), torch.randn(numel).to(dtype)
+        self.a, self.b = torch.randn(numel).to(DEVICE, dtype), torch.randn(numel).to(DEVICE, dtype)
 
     def step(self):
         self.a.add_(self.b, alpha=1e-3)
@@ -235,6 +241,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first step")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"),
                         help="parameter and state dtype")
+    parser.add_argument("--device", default="cpu", help="where the parameters live: cpu or cuda")
     parser.add_argument("--cold-cache", action="store_true",
                         help="compile into an empty inductor cache, so 'first s' is the compile time on a new machine")
     args = parser.parse_args(argv)
@@ -252,10 +259,12 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message="This overload of add", category=UserWarning)  # the reference code
     if args.cold_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
+    global DEVICE
+    DEVICE = torch.device(args.device)
     shapes, dtype = resnet18_shapes(), getattr(torch, args.dtype)
     numel = sum(torch.Size(s).numel() for s in shapes)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ResNet-18 shapes: {len(shapes)} tensors, "
-          f"{numel:,} parameters, {args.dtype}")
+          f"{numel:,} parameters, {args.dtype}, on {DEVICE}")
     cache = "an empty inductor cache (--cold-cache)" if args.cold_cache else "inductor's cache as it is"
     print(f"median of {args.repeats} runs x {args.steps} steps after 1 + {args.warmup} warm-up steps; "
           f"'first s' is the compiled path's first step (compile time, from {cache})\n")
