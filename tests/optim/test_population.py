@@ -251,3 +251,23 @@ def test_the_member_axis_is_checked():
         o.build("adam", stacked([make_params(seed=k) for k in range(K)]), members=4)
     with pytest.raises(ConfigError, match=r"members must be an integer >= 1"):
         o.check("adam", members=0)
+
+
+def test_the_compiled_step_is_one_graph_whatever_k():
+    """Member count is a symbolic size: populations of 3 and of 5 members (and their per-member scalars) share the
+    graph of their optimizer variant."""
+    from torch._dynamo.utils import counters
+
+    def steps(k):
+        params = [torch.randn(k, 6, 4, requires_grad=True), torch.randn(k, 9, requires_grad=True)]
+        opt = o.build("adam", params, members=k, impl="compiled", lr=[1e-3 * (i + 1) for i in range(k)])
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+
+    steps(3)
+    before = counters["stats"]["unique_graphs"]
+    steps(5)
+    steps(7)
+    assert counters["stats"]["unique_graphs"] == before
