@@ -80,8 +80,9 @@ def cell(which: str, problem: str, k: int, epochs: int, seconds: float) -> dict:
 
 def main() -> None:
     p = _cli.parser(__doc__, "about 45 minutes at the defaults; --quick under 4 minutes")
-    p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
-    p.add_argument("--studies", nargs="+", default=["a", "b"], choices=["a", "b"])
+    p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS), help="models and data")
+    p.add_argument("--studies", nargs="+", default=["a", "b"], choices=["a", "b"],
+                   help="(a) Adam x 36 lrs x 4 seeds; (b) 12 optimizers x 12 lrs")
     p.add_argument("--ks", nargs="+", type=int, default=[1, 4, 16, 64, 144], help="trials per population")
     p.add_argument("--epochs", type=int, default=5, help="epochs per run")
     p.add_argument("--seconds", type=float, default=240.0, help="a cell's longest run before the worker is stopped")

@@ -79,7 +79,7 @@ def run_cell(problem: str, k: int, mode: str, epochs: int, extra: list[str]) -> 
 
 def main() -> None:
     p = _cli.parser(__doc__, "about 25 minutes at the defaults; --quick about 2 minutes", overrides=True)
-    p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS), help="models and data")
     p.add_argument("--ks", nargs="+", type=int, default=[1, 4, 16, 64], help="population sizes")
     p.add_argument("--epochs", type=int, default=5, help="epochs per member")
     p.add_argument("--quick", action="store_true", help="the digits MLP only, K = 1, 16, 64, 3 epochs")

@@ -133,3 +133,20 @@ def test_a_worker_killed_mid_population_leaves_every_trial_to_retry(tmp_path, ml
     complete = [t for t in done if t.state == TrialState.COMPLETE]
     assert sorted(t.params["lr"] for t in complete) == [1e-3, 3e-3, 1e-2]  # each point once
     assert all(t.user_attrs.get("retry_of") in {d.number for d in dead} for t in complete)
+
+
+def test_median_prunes_only_against_finished_trials(tmp_path, mlflow_uri):
+    """The median pruner compares with finished trials: nothing is pruned in the first population (its trials run
+    together), a hopeless trial of the next one is, after its first epoch, its run ended KILLED."""
+    path = study_file(tmp_path, "med", sampler={"name": "grid"}, overrides=["trainer.max_epochs=4"],
+                      pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+                      optimizers={"adam": {"lr": [1e-2, 1e-7, 3e-3, 1e-8]}})
+    storage = str(tmp_path / "med.journal")
+    assert cli(["study", "run", str(path), "--storage", storage, "--population", "2"]) == 0
+    first, second = sorted(trials("med", storage), key=lambda t: t.number)[:2], \
+        sorted(trials("med", storage), key=lambda t: t.number)[2:]
+    assert all(t.state == TrialState.COMPLETE for t in first)  # lr 1e-7 too: nothing finished to compare with
+    hopeless = next(t for t in second if t.params["lr"] == 1e-8)
+    assert hopeless.state == TrialState.PRUNED and max(hopeless.intermediate_values) == 0
+    run = MlflowClient(mlflow_uri).get_run(hopeless.user_attrs["mlflow_run_ids"][0])
+    assert run.info.status == "KILLED" and "pruned" in run.data.tags["failure_reason"]
