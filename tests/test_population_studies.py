@@ -150,3 +150,13 @@ def test_median_prunes_only_against_finished_trials(tmp_path, mlflow_uri):
     assert hopeless.state == TrialState.PRUNED and max(hopeless.intermediate_values) == 0
     run = MlflowClient(mlflow_uri).get_run(hopeless.user_attrs["mlflow_run_ids"][0])
     assert run.info.status == "KILLED" and "pruned" in run.data.tags["failure_reason"]
+
+
+def test_the_deepobs_protocol_study_file():
+    from tests.test_studies import ROOT
+    from optstudy.study import spec as specs
+
+    study = specs.load(ROOT / "studies" / "deepobs_protocol.yaml")
+    lrs = study.spaces["adam"].params[0].choices
+    assert len(study.spaces) == 12 and len(study.grid()) == 432 and len(study.seeds) == 10
+    assert len(lrs) == 36 and min(lrs) == 1e-5 and max(lrs) == 100.0 and study.population == 36
