@@ -97,17 +97,22 @@ def main() -> None:
     best = {}
     for problem in args.problems:
         for which in args.studies:
-            base = None
+            base, per_run = None, []
             for k in args.ks:
                 r = cell(which, problem, k, args.epochs, args.seconds)
                 rate = r["trials"] / r["wall"] * 3600
                 base = base or rate
+                runs = max(r["runs"], 1)
+                per_run.append((k, 1e3 * r["train"] / runs, 1e3 * (r["wall"] - r["startup"] - r["train"]) / runs))
                 if problem == "digits_mlp" and which == "a" and k > 1:
                     best = max(best, {"x": rate / base, "k": k}, key=lambda b: b.get("x", 0))
                 other = r["wall"] - r["startup"] - r["train"]
                 print(f"{problem:<12} {which:>5} {k:>4} {r['trials']:>6} {r['wall']:>7.1f} {rate:>9.0f} "
                       f"{r['runs'] / r['wall'] * 3600:>8.0f} {r['startup']:>10.1f} {r['train']:>9.1f} {other:>8.1f} "
                       f"{r['peak']:>9.0f}", flush=True)
+            # where a run's time goes (the worker's start-up left out): what a larger K cannot take away
+            print("  per run, ms of epochs + rest: " + ", ".join(f"K={k}: {e:.0f} + {o:.0f}" for k, e, o in per_run),
+                  flush=True)
     if best:
         print(f"population study speedup: {best['x']:.1f}x trials/hour at K={best['k']} (digits mlp)")
 
