@@ -150,6 +150,7 @@ def test_median_prunes_only_against_finished_trials(tmp_path, mlflow_uri):
     assert hopeless.state == TrialState.PRUNED and max(hopeless.intermediate_values) == 0
     run = MlflowClient(mlflow_uri).get_run(hopeless.user_attrs["mlflow_run_ids"][0])
     assert run.info.status == "KILLED" and "pruned" in run.data.tags["failure_reason"]
+    assert run.data.tags["optuna.pruned"] == "true"  # as a pruned one-at-a-time trial's run
 
 
 def test_the_deepobs_protocol_study_file():

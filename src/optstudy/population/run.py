@@ -170,6 +170,8 @@ def _end_member(logger, rates, task, configs, out: Path, k: int, status: str, re
         trajectory = Trajectory()
         trajectory.rows = task.trajectories[k]
         paths += trajectory.save(directory, task.model.member(k), _run_name(configs[k]))
+    if status == "KILLED" and k in task.stopped:  # pruned by a study: tagged as a pruned standalone run is
+        logger.experiment.set_tag(logger.run_ids[k], "optuna.pruned", "true")
     logger.close_member(k, status, reason, artifacts=paths, spill=directory / "undelivered_metrics.jsonl")
 
 
