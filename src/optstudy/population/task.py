@@ -122,7 +122,9 @@ class PopulationTask(pl.LightningModule):
         self.first_loss: list[float | None] = [None] * self.k
         self.last: list[dict[str, float]] = [{} for _ in range(self.k)]  # each member's latest metrics
         self.on_stopped: Callable[[int, str, str], None] = lambda k, status, reason: None  # set by the runner
-        self._frozen: dict[int, list[torch.Tensor]] = {}
+        self._weights: dict[int, list[torch.Tensor]] = {}  # a stopped member's weights when it stopped
+        self._frozen: tuple[torch.Tensor, list[torch.Tensor]] | None = None  # (members, their weights per param)
+        self._factor = cfg.get("divergence", {}).get("factor")  # read once: OmegaConf access costs ~0.1 ms
         self._val = torch.zeros(self.k, 3, dtype=torch.float64)
         self.trajectories: list[list[dict]] = [[] for _ in range(self.k)]  # objectives: metrics() after each step
 
@@ -177,7 +179,10 @@ class PopulationTask(pl.LightningModule):
             self._freeze(k, "KILLED", reason)
 
     def _freeze(self, k: int, status: str, reason: str) -> None:
-        self._frozen[k] = [p[k].detach().clone() for p in self.model.parameters()]
+        self._weights[k] = [p[k].detach().clone() for p in self.model.parameters()]
+        members = sorted(self._weights)  # restored together after each step: one index_copy_ per parameter
+        self._frozen = (torch.tensor(members, device=self.device),
+                        [torch.stack([self._weights[m][i] for m in members]) for i in range(len(self._weights[k]))])
         self.on_stopped(k, status, reason)
         if not self.alive():
             self.trainer.should_stop = True
@@ -185,15 +190,15 @@ class PopulationTask(pl.LightningModule):
     def _check_divergence(self, k: int, value: float) -> None:
         """The standalone rule (``Task._check_divergence``), per member: the member is frozen, not the run."""
         first = self.first_loss[k] = value if self.first_loss[k] is None else self.first_loss[k]
-        factor = self.cfg.get("divergence", {}).get("factor")
+        factor = self._factor
+        if math.isfinite(value) and not (factor and self.task != "objective" and first > 0 and value > factor * first):
+            return  # checked for every member at every step: nothing else before this line
         where = f"at epoch {self.current_epoch}, step {self.global_step}"
         if not math.isfinite(value):
             reason = f"training diverged: the loss is {value} {where}"
-        elif factor and self.task != "objective" and first > 0 and value > factor * first:
+        else:
             reason = (f"training diverged: the loss is {value:.4g}, over divergence.factor={factor:g} times its "
                       f"first value {first:.4g}, {where}")
-        else:
-            return
         self.diverged[k] = reason
         self._freeze(k, "FAILED", reason)
 
@@ -213,11 +218,11 @@ class PopulationTask(pl.LightningModule):
         if self.task == "objective":  # e.g. the counterexample's x in [-1, 1]
             with torch.no_grad():
                 self.model.project_()
-        if self._frozen:  # diverged members keep the weights they had when they diverged
+        if self._frozen is not None:  # stopped members keep the weights they had then: one copy per parameter
+            index, saved = self._frozen
             with torch.no_grad():
-                for k, saved in self._frozen.items():
-                    for p, value in zip(self.model.parameters(), saved):
-                        p[k].copy_(value)
+                for p, value in zip(self.model.parameters(), saved):
+                    p.index_copy_(0, index, value)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Per member: Lightning's clipping would take one norm over all members' gradients together."""
