@@ -161,3 +161,25 @@ def test_the_deepobs_protocol_study_file():
     lrs = study.spaces["adam"].params[0].choices
     assert len(study.spaces) == 12 and len(study.grid()) == 432 and len(study.seeds) == 10
     assert len(lrs) == 36 and min(lrs) == 1e-5 and max(lrs) == 100.0 and study.population == 36
+
+
+def test_postgres_a_killed_population_is_retried_by_heartbeat(tmp_path, mlflow_uri, postgres_url):
+    """Asked trials beat while their population trains (Optuna beats only for study.optimize): killed, they go
+    stale and another worker fails and retries every one of them."""
+    import os
+    import time
+
+    from tests.test_studies import _kill_first_running_trial, finish, worker
+
+    name = f"pgpop{os.getpid()}{int(time.time())}"
+    path = study_file(tmp_path, name, seeds=[0], sampler={"name": "grid"}, overrides=["trainer.max_epochs=60"],
+                      optimizers={"adam": {"lr": [1e-3, 1e-2]}})
+    _kill_first_running_trial(worker(path, postgres_url, "--heartbeat", "1", "--population", "2"), name,
+                              postgres_url)
+    time.sleep(3)  # past the grace period (2 heartbeats)
+    finish(worker(path, postgres_url, "--heartbeat", "1", "--population", "2"))
+    every = trials(name, postgres_url)
+    failed = [t for t in every if t.state == TrialState.FAIL]
+    assert len(failed) == 2  # the whole killed population, failed by the heartbeat check
+    complete = [t for t in every if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["lr"] for t in complete) == [1e-3, 1e-2]

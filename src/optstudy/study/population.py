@@ -25,6 +25,7 @@ import os
 import socket
 import statistics
 import tempfile
+import threading
 
 import optuna
 import pytorch_lightning as pl
@@ -36,9 +37,17 @@ from optstudy.tracking import TrackingUnavailable
 
 def run_population(worker, k: int) -> int:
     """Asks up to ``k`` trials, trains them as populations, tells each its outcome; returns how many."""
-    from optstudy.study.worker import _print_outcome, assignments, suggest
+    from optstudy.study.worker import suggest
 
     asked = _ask(worker, k, suggest)
+    with Heartbeats(worker.storage, [t for t, _ in asked]) as beats:
+        _run_groups(worker, asked, beats)
+    return len(asked)
+
+
+def _run_groups(worker, asked: list, beats: "Heartbeats") -> None:
+    from optstudy.study.worker import _print_outcome, assignments
+
     groups: dict[tuple, list] = {}
     for trial, params in asked:
         groups.setdefault((params["optimizer"], params.get("bound")), []).append((trial, params))
@@ -55,8 +64,40 @@ def run_population(worker, k: int) -> int:
                 worker.stopped_by = exc
             continue
         for (trial, _), (state, value) in zip(group, outcomes):
+            beats.done(trial)
             _print_outcome(worker.study, worker.study.tell(trial, value, state=state))
-    return len(asked)
+
+
+class Heartbeats:
+    """Optuna records a trial's heartbeat only while ``study.optimize`` runs it; asked trials need their own, or a
+    killed worker's population would stay RUNNING on a database forever (``fail_stale_trials`` skips trials that
+    never beat). One thread beats for all of a population's trials until each is told."""
+
+    def __init__(self, storage, trials: list):
+        self.storage, self.ids = storage, {t._trial_id for t in trials}
+        self.interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+        self.stop = threading.Event()
+
+    def __enter__(self) -> "Heartbeats":
+        if self.interval:
+            self.beat()  # now: a kill in the first interval must leave trials that can go stale
+            self.thread = threading.Thread(target=self._loop, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+
+    def beat(self) -> None:
+        for trial_id in list(self.ids):
+            self.storage.record_heartbeat(trial_id)
+
+    def done(self, trial) -> None:
+        self.ids.discard(trial._trial_id)
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.beat()
 
 
 def _fail(worker, group: list, reason: str, retry: bool) -> None:
