@@ -30,12 +30,9 @@ import _cli  # benchmarks/_cli.py (a script's folder is on sys.path)
 import numpy as np
 import yaml
 
+from population_train import PROBLEMS  # the same three problems as the training benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
-PROBLEMS = {
-    "digits_mlp": ["model=mlp", "data=digits"],
-    "mnist1d_mlp": ["experiment=mnist1d_mlp"],
-    "digits_cnn": ["model=cnn", "data=digits", "model.channels=[16,16,32]", "model.hidden=64"],
-}
 NAMES = ["sgd", "momentum", "nesterov", "adagrad", "adadelta", "rmsprop", "adam", "adamax", "nadam", "amsgrad",
          "adabound", "amsbound"]
 
