@@ -271,3 +271,46 @@ def test_the_compiled_step_is_one_graph_whatever_k():
     steps(5)
     steps(7)
     assert counters["stats"]["unique_graphs"] == before
+
+
+@pytest.mark.parametrize("impl", ["loop", "compiled"])
+@pytest.mark.parametrize("name", o.NAMES)
+def test_kept_members_go_on_exactly_after_the_others_are_dropped(name, impl):
+    """``keep_members``: halfway, member 1 is dropped (parameters cut first, then the optimizer and its StepLR);
+    members 0 and 2 end exactly where they end in the uncut population, lr schedule and state included."""
+    hp = population_hparams(name)
+    sched = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)  # noqa: E731
+    starts = [make_params(seed=k) for k in range(K)]
+    full_params = stacked(starts)
+    full = o.build(name, full_params, members=K, impl=impl, **hp)
+    full_sched = sched(full)
+    reference = run(full, full_params, pop_loss, scheduler=full_sched)[-1]
+    params = stacked(starts)
+    opt = o.build(name, params, members=K, impl=impl, **hp)
+    scheduler = sched(opt)
+    run(opt, params, pop_loss, steps=STEPS // 2, scheduler=scheduler)
+    keep = [0, 2]
+    for p in params:
+        p.grad = None
+        torch.utils.swap_tensors(p, p.detach()[keep].clone().requires_grad_())
+    opt.keep_members(keep, schedulers=[scheduler])
+    assert opt.members == 2 and len(opt.param_groups[0]["lr"]) == 2
+    kept_loss = lambda ps, t: sum(loss_at([p[i] for p in ps], t) for i in range(len(keep)))  # noqa: E731
+    last = run(opt, params, kept_loss, steps=STEPS - STEPS // 2, start=STEPS // 2, scheduler=scheduler)[-1]
+    for i, (x, y) in enumerate(zip(last, reference, strict=True)):
+        torch.testing.assert_close(x, y[keep], rtol=RTOL, atol=ATOL, msg=lambda m: f"param {i}: {m}")
+    np.testing.assert_allclose(opt.param_groups[0]["lr"], np.array(hp["lr"])[keep] * 0.5 ** (STEPS // 7),
+                               rtol=1e-15)
+    state = opt.state_dict()  # and it saves and loads as a population of two
+    again = o.build(name, stacked([[p[i].detach() for p in params] for i in range(2)]), members=2, impl=impl,
+                    **{k: (np.array(v)[keep].tolist() if isinstance(v, list) else v) for k, v in hp.items()})
+    again.load_state_dict(state)
+
+
+def test_keep_members_refuses_what_it_cannot_do():
+    params = stacked([make_params(seed=k) for k in range(K)])
+    opt = o.build("adam", params, members=K, lr=[1e-3, 2e-3, 3e-3])
+    with pytest.raises(ConfigError, match=r"increasing member indices in \[0, 3\).*\[2, 0\]"):
+        opt.keep_members([2, 0])
+    with pytest.raises(ConfigError, match="cut the parameters to the kept members first"):
+        opt.keep_members([0, 2])

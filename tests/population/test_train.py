@@ -68,6 +68,26 @@ def test_a_diverging_member_is_frozen_and_recorded_while_the_others_go_on(mlflow
     assert client.get_run(ok.run_id).info.status == "FINISHED"
 
 
+def test_stopped_members_are_cut_from_the_stack_and_the_others_go_on_exactly(mlflow_uri):
+    """Two of four members diverge in the first epoch: after it they are cut out of the stack (parameters,
+    optimizer state, per-member lrs, data rows); the two left end exactly where their standalone runs end, float64,
+    with an inv_sqrt lr schedule, their runs' curves complete."""
+    overrides = ["optimizer=momentum", "population.lr=[0.05,1000.0,0.1,5000.0]", "trainer.precision=64-true",
+                 "trainer.max_epochs=3", "checkpoint.enabled=false", "scheduler.name=inv_sqrt"]
+    result = train_population(compose(overrides))
+    assert result.compactions == ((0, 2),)
+    configs, _ = member_configs(compose(overrides))
+    client = MlflowClient(mlflow_uri)
+    for k in (0, 2):
+        member = result.members[k]
+        assert member.diverged is None
+        alone = standalone(configs[k])
+        assert member.value == pytest.approx(alone["val_loss"], rel=1e-9, abs=0)
+        history = client.get_metric_history(member.run_id, "val_loss")
+        assert len(history) == 3
+    assert all("training diverged" in result.members[k].diverged for k in (1, 3))
+
+
 def test_every_member_diverging_exits_3(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "optimizer=sgd", "population.lr=[1e3,1e4]",
                            "logger=none", *QUICK], cwd=tmp_path, capture_output=True, text=True, timeout=300)

@@ -110,6 +110,41 @@ class CoreOptimizer(torch.optim.Optimizer):
             self._check_member_axis(group)
         self._check_group(group)
 
+    def keep_members(self, keep, schedulers=()) -> None:
+        """Only the population's members ``keep`` (increasing indices) from now on, once the parameters were cut
+        to them in place (dim 0 of each; ``torch.utils.swap_tensors(p, nn.Parameter(p.detach()[keep]))`` keeps
+        autograd's record of the shape right, which ``p.data = ...`` does not): the state, each per-member hyperparameter and the
+        ``schedulers``' per-member lrs follow, so that members a study stopped cost nothing more. The kept members
+        go on exactly as before (their rows of every tensor and number are unchanged)."""
+        keep = np.asarray(keep, dtype=np.int64)
+        old = self.members
+        if not old or len(keep) == 0 or not (np.diff(keep) > 0).all() or keep[0] < 0 or keep[-1] >= old:
+            raise ConfigError(f"optimizer {self.name}: keep_members needs increasing member indices in "
+                              f"[0, {old}) of a population, got {keep.tolist()}")
+        index = None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.shape[:1] != (len(keep),):
+                    raise ConfigError(f"optimizer {self.name}: cut the parameters to the kept members first "
+                                      f"(dim 0 {len(keep)}), got shape {tuple(p.shape)}")
+                index = torch.as_tensor(keep, device=p.device)
+                state = self.state.get(p, {})
+                for key, value in state.items():  # buffers like p, and per-member counts (NAdam's mu_product)
+                    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == old:
+                        state[key] = value.index_select(0, index.to(value.device))
+                    elif isinstance(value, np.ndarray) and value.ndim and value.shape[0] == old:
+                        state[key] = value[keep].copy()
+                p.grad = None
+            group.update({key: _members.selected(v, keep) for key, v in group.items() if key != "params"})
+        self.defaults.update({key: _members.selected(v, keep) for key, v in self.defaults.items()})
+        for sched in schedulers:
+            for name in ("base_lrs", "_last_lr"):
+                if isinstance(getattr(sched, name, None), list):
+                    setattr(sched, name, [_members.selected(v, keep) for v in getattr(sched, name)])
+        self.members = len(keep)
+        self._aliases.clear()  # the compiled path's flat aliases were of the old tensors
+        self.__dict__.pop("_view_cache", None)
+
     def _check_group(self, group: dict) -> None:
         """Validates ``group`` and runs ``prepare_group``: on each member's view where members differ (the message
         names the member), the results merged back."""

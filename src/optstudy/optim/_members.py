@@ -201,6 +201,17 @@ def shaped(s: dict, like: torch.Tensor, cache: dict | None = None) -> dict:
     return out
 
 
+def selected(value, keep: np.ndarray):
+    """``value`` (a group's, a scheduler's) for members ``keep`` only: arrays indexed, tuples and dicts within."""
+    if isinstance(value, np.ndarray):
+        return value[keep].copy()
+    if isinstance(value, tuple):
+        return tuple(selected(v, keep) for v in value)
+    if isinstance(value, dict):
+        return {k: selected(v, keep) for k, v in value.items()}
+    return value
+
+
 def hashable(key: tuple) -> tuple:
     return tuple(tuple(v.tolist()) if isinstance(v, np.ndarray) else v for v in key)
 

@@ -46,6 +46,7 @@ class PopulationResult:
     output_dir: Path
     seconds: float
     sequential: bool  # the model could not stack: members trained one after another
+    compactions: tuple = ()  # (epoch, rows left) each time stopped members were cut out of the stack
 
     @property
     def value(self) -> float:
@@ -169,7 +170,7 @@ def _end_member(logger, rates, task, configs, out: Path, k: int, status: str, re
     if task.trajectories[k]:
         trajectory = Trajectory()
         trajectory.rows = task.trajectories[k]
-        paths += trajectory.save(directory, task.model.member(k), _run_name(configs[k]))
+        paths += trajectory.save(directory, task.model.member(task.row(k)), _run_name(configs[k]))
     if status == "KILLED" and k in task.stopped:  # pruned by a study: tagged as a pruned standalone run is
         logger.experiment.set_tag(logger.run_ids[k], "optuna.pruned", "true")
     logger.close_member(k, status, reason, artifacts=paths, spill=directory / "undelivered_metrics.jsonl")
@@ -182,7 +183,7 @@ def _result(cfg, task, logger, settings, out, seconds) -> PopulationResult:
         members.append(Member(setting, metrics.get(cfg.objective, float("nan")), metrics,
                               logger.run_ids[k] if logger else None, task.diverged.get(k), task.stopped.get(k)))
     return PopulationResult(members, logger.parent_run_id if logger else None, logger.uri if logger else None, out,
-                            seconds, sequential=False)
+                            seconds, sequential=False, compactions=tuple(task.compactions))
 
 
 def _sequential(cfg, configs, settings, start) -> PopulationResult:
@@ -246,12 +247,13 @@ class MemberRates(pl.Callback):
         bounds = [opt.bounds(g, step) for g in opt.param_groups] if hasattr(opt, "bounds") else None
         rows = {}
         for k in module.alive():
-            hist, recorder = hists[k], self.recorders[k]
+            r = module.row(k)  # its row in the stack: fewer rows than members once stopped ones are cut
+            hist, recorder = hists[r], self.recorders[k]
             rows[k] = {f"eff_lr/g{g}/{q}": v for g in range(hist.counts.shape[0]) for q, v in summary(hist, g).items()}
             recorder.steps.append(step)
             recorder.records.append(hist)
             if bounds is not None:
-                recorder.bounds.append([[_member(lo, k), _member(hi, k)] for lo, hi in bounds])
+                recorder.bounds.append([[_member(lo, r), _member(hi, r)] for lo, hi in bounds])
         if trainer.logger is not None:
             trainer.logger.log_member_metrics(rows, step)
 
@@ -279,6 +281,8 @@ class Progress(pl.Callback):
             f"{self.objective} best {(values[-1] if better_high else values[0]):.4f}  median "
             f"{statistics.median(values):.4f}  worst {(values[0] if better_high else values[-1]):.4f}")
         gone = f"  diverged {len(self.task.diverged)}" if self.task.diverged else ""
+        if len(self.task.rows) < self.task.k:
+            gone += f"  stack of {len(self.task.rows)}"
         print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  step {trainer.global_step}  "
               f"{len(self.task.alive())} members  {shown}{gone}  ({time.perf_counter() - self._start:.1f}s)",
               flush=True)

@@ -224,6 +224,24 @@ class Stacked(nn.Module):
         """The stacked tensors by their names in ``_Method(self.model, ...)``; with ``k``, member k's views."""
         return {f"module.{name}": t if k is None else t[k] for name, t in _tensors(self.model).items()}
 
+    @torch.no_grad()
+    def keep_members(self, keep: list[int]) -> None:
+        """Only members ``keep`` (increasing) from now on: every stacked parameter and buffer cut to their rows, in
+        place (the same objects, so an optimizer's references stay valid; then call its ``keep_members``)."""
+        seen = set()
+        for t in _tensors(self.model).values():
+            if id(t) in seen:  # a tied tensor once
+                continue
+            seen.add(id(t))
+            if isinstance(t, nn.Parameter):
+                # ``p.data = ...`` would keep autograd's record of the old shape (its gradient accumulator): a swap
+                # gives the same object a new tensor
+                t.grad = None
+                torch.utils.swap_tensors(t, nn.Parameter(t.detach()[keep], t.requires_grad))
+            else:
+                t.data = t.data[keep]
+        self.members = len(keep)
+
     def member(self, k: int) -> nn.Module:
         """A standalone copy of the base architecture holding member ``k``'s current parameters and buffers
         (copies: changing one does not change the other), in this module's train/eval mode."""

@@ -6,6 +6,10 @@ seed's, as ``optstudy.lit.EpochShuffle`` gives them), or with ``population.share
 whose loss becomes NaN/inf or blows up (the standalone rule, ``divergence.factor``) is frozen at its last weights and
 recorded as diverged while the others go on.
 
+Stopped members (diverged, or pruned by a study) are frozen at once and, at the end of an epoch where at least
+``COMPACT_AT`` of the stack's rows are stopped, cut out of it (``Stacked.keep_members``, the optimizer's
+``keep_members``): they cost nothing from then on. Row ``r`` of the stack is member ``rows[r]``.
+
 Metrics go to each member's own MLflow run (``PopulationLogger.log_member_metrics``), at the steps a standalone run
 logs them: ``train_loss``, ``lr/g{i}`` and AdaBound's bounds every ``trainer.log_every_n_steps``; ``val_loss`` and
 ``val_acc`` every epoch.
@@ -25,6 +29,8 @@ from torch.nn import functional as F
 import optstudy.optim as optim
 from optstudy.config import optimizer_kwargs
 from optstudy.lit import EpochShuffle, scheduler
+
+COMPACT_AT = 0.25  # share of stopped rows that pays for a cut: copying every parameter and state tensor once
 
 
 class Batches:
@@ -47,6 +53,11 @@ class Batches:
             sampler.set_epoch(self.epoch())
             orders[seed] = torch.tensor(list(iter(sampler)))
         return torch.stack([orders[s] for s in self.seeds]).to(self.xs.device)
+
+    def keep(self, rows: list[int]) -> None:
+        """Only these rows' members from the next epoch on (``PopulationTask._compact``)."""
+        self.source = self.source[rows]
+        self.seeds = [self.seeds[r] for r in rows]
 
     def __iter__(self):
         orders = self._orders()
@@ -114,6 +125,9 @@ class PopulationTask(pl.LightningModule):
         super().__init__()
         self.cfg, self.members, self.model, self.task = cfg, members, model, task
         self.k = len(members)
+        self.rows = list(range(self.k))  # the member in each row of the stack (fewer once stopped ones are cut)
+        self._row = {k: k for k in self.rows}
+        self._loaders: list[Batches] = []  # to cut with the stack
         self.train_data, self.val_data = train, val
         seeds = [m["seed"] for m in members]
         self.order_seeds = [seeds[0]] * self.k if cfg.population.shared_order else seeds
@@ -126,6 +140,7 @@ class PopulationTask(pl.LightningModule):
         self._frozen: tuple[torch.Tensor, list[torch.Tensor]] | None = None  # (members, their weights per param)
         self._factor = cfg.get("divergence", {}).get("factor")  # read once: OmegaConf access costs ~0.1 ms
         self._val = torch.zeros(self.k, 3, dtype=torch.float64)
+        self.compactions: list[tuple[int, int]] = []  # (epoch, rows left) per cut
         self.trajectories: list[list[dict]] = [[] for _ in range(self.k)]  # objectives: metrics() after each step
 
     # --- data -----------------------------------------------------------------------------------------------------
@@ -134,8 +149,10 @@ class PopulationTask(pl.LightningModule):
             return Steps(data, self.cfg.data.batch_size)
         xs, ys, source = data
         seeds = self.order_seeds if shuffle else [m["seed"] for m in self.members]
-        return Batches(xs.to(self.device), ys.to(self.device), source, seeds, self.cfg.data.batch_size, shuffle,
-                       lambda: self.current_epoch)
+        batches = Batches(xs.to(self.device), ys.to(self.device), [source[k] for k in self.rows],
+                          [seeds[k] for k in self.rows], self.cfg.data.batch_size, shuffle, lambda: self.current_epoch)
+        self._loaders.append(batches)
+        return batches
 
     def train_dataloader(self):
         return self._batches(self.train_data, shuffle=True)
@@ -145,8 +162,8 @@ class PopulationTask(pl.LightningModule):
 
     # --- steps ----------------------------------------------------------------------------------------------------
     def _losses(self, logits, y) -> torch.Tensor:
-        """Each member's mean loss, shape (K,)."""
-        return F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none").view(self.k, -1).mean(1)
+        """Each row's mean loss, shape (rows,)."""
+        return F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none").view(len(self.rows), -1).mean(1)
 
     def training_step(self, batch, batch_idx):
         if self.task == "objective":
@@ -154,11 +171,11 @@ class PopulationTask(pl.LightningModule):
         else:
             x, y = batch
             losses = self._losses(self.model(x), y)
-        values = losses.detach().double().cpu().tolist()
-        for k, value in enumerate(values):
+        values = dict(zip(self.rows, losses.detach().double().cpu().tolist()))  # member -> loss
+        for k, value in values.items():
             if k not in self.diverged and k not in self.stopped:
                 self._check_divergence(k, value)
-        alive = torch.tensor([k not in self.diverged and k not in self.stopped for k in range(self.k)],
+        alive = torch.tensor([k not in self.diverged and k not in self.stopped for k in self.rows],
                              device=losses.device)
         t = self.global_step + 1  # the update this batch makes, as a standalone run labels it
         if self.logger is not None and t % self.trainer.log_every_n_steps == 0:
@@ -178,10 +195,14 @@ class PopulationTask(pl.LightningModule):
             self.stopped[k] = reason
             self._freeze(k, "KILLED", reason)
 
+    def row(self, k: int) -> int:
+        """Member k's row in the stack (while it is in it)."""
+        return self._row[k]
+
     def _freeze(self, k: int, status: str, reason: str) -> None:
-        self._weights[k] = [p[k].detach().clone() for p in self.model.parameters()]
+        self._weights[k] = [p[self._row[k]].detach().clone() for p in self.model.parameters()]
         members = sorted(self._weights)  # restored together after each step: one index_copy_ per parameter
-        self._frozen = (torch.tensor(members, device=self.device),
+        self._frozen = (torch.tensor([self._row[m] for m in members], device=self.device),
                         [torch.stack([self._weights[m][i] for m in members]) for i in range(len(self._weights[k]))])
         self.on_stopped(k, status, reason)
         if not self.alive():
@@ -207,10 +228,11 @@ class PopulationTask(pl.LightningModule):
         opt = self.optimizers().optimizer
         out = {}
         for i, group in enumerate(opt.param_groups):
-            out[f"lr/g{i}"] = _pick(group["lr"], k)
+            out[f"lr/g{i}"] = _pick(group["lr"], self._row[k])
             if hasattr(opt, "bounds"):
                 lower, upper = opt.bounds(group, t)
-                out[f"bound/g{i}/lower"], out[f"bound/g{i}/upper"] = _pick(lower, k), _pick(upper, k)
+                r = self._row[k]
+                out[f"bound/g{i}/lower"], out[f"bound/g{i}/upper"] = _pick(lower, r), _pick(upper, r)
         return out
 
     def optimizer_step(self, *args, **kwargs):
@@ -233,14 +255,14 @@ class PopulationTask(pl.LightningModule):
             for g in grads:
                 g.clamp_(-gradient_clip_val, gradient_clip_val)
             return
-        norms = torch.stack([g.detach().pow(2).reshape(self.k, -1).sum(1) for g in grads]).sum(0).sqrt()
+        norms = torch.stack([g.detach().pow(2).reshape(len(self.rows), -1).sum(1) for g in grads]).sum(0).sqrt()
         coef = (gradient_clip_val / (norms + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s, per member
         for g in grads:
             g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
 
     # --- validation -----------------------------------------------------------------------------------------------
     def on_validation_epoch_start(self):
-        self._val = torch.zeros(self.k, 3, dtype=torch.float64, device=self.device)
+        self._val = torch.zeros(len(self.rows), 3, dtype=torch.float64, device=self.device)
 
     def on_train_start(self):
         if self.task == "objective" and self.global_step == 0:
@@ -251,7 +273,8 @@ class PopulationTask(pl.LightningModule):
             self._objective_metrics(self.global_step, log=self.global_step % self.trainer.log_every_n_steps == 0)
 
     def _objective_metrics(self, step: int, log: bool) -> None:
-        rows = {k: m for k, m in enumerate(self.model.metrics()) if k in self.alive()}
+        alive = set(self.alive())
+        rows = {k: m for k, m in zip(self.rows, self.model.metrics()) if k in alive}
         for k, metrics in rows.items():
             self.last[k].update(metrics)
             self.trajectories[k].append({"step": step, **metrics})
@@ -267,23 +290,42 @@ class PopulationTask(pl.LightningModule):
         logits = self.model(x)
         n = y[0].numel()
         losses = self._losses(logits, y)
-        correct = (logits.argmax(-1) == y).reshape(self.k, -1).sum(1) if self.task == "classification" else 0 * losses
+        correct = ((logits.argmax(-1) == y).reshape(len(self.rows), -1).sum(1) if self.task == "classification"
+                   else 0 * losses)
         self._val += torch.stack([losses.double() * n, correct.double(), torch.full_like(losses, n).double()], 1)
 
     def on_validation_epoch_end(self):
         loss_sum, correct, count = self._val.cpu().unbind(1)
-        rows = {}
-        for k in range(self.k):
-            metrics = {"val_loss": loss_sum[k].item() / max(count[k].item(), 1)}
+        rows, alive = {}, set(self.alive())
+        for r, k in enumerate(self.rows):
+            metrics = {"val_loss": loss_sum[r].item() / max(count[r].item(), 1)}
             if self.task == "classification":
-                metrics["val_acc"] = correct[k].item() / max(count[k].item(), 1)
+                metrics["val_acc"] = correct[r].item() / max(count[r].item(), 1)
             elif self.task == "language_model":
                 metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 700))
-            if k in self.alive():
+            if k in alive:
                 self.last[k].update(metrics)
                 rows[k] = metrics
         if self.logger is not None and not self.trainer.sanity_checking and rows:
             self.logger.log_member_metrics(rows, self.global_step)
+
+    def on_train_epoch_end(self):  # after this epoch's validation, where a study prunes
+        gone = [r for r, k in enumerate(self.rows) if k in self.diverged or k in self.stopped]
+        if gone and len(gone) < len(self.rows) and len(gone) >= COMPACT_AT * len(self.rows):
+            self._compact([r for r in range(len(self.rows)) if r not in set(gone)])
+
+    def _compact(self, keep: list[int]) -> None:
+        """Only rows ``keep`` from now on: the stack, the optimizer's state and hyperparameters, the lr schedule's
+        and the data's rows. The kept members continue exactly as they would have."""
+        self.model.keep_members(keep)
+        opt = self.optimizers().optimizer
+        opt.keep_members(keep, schedulers=[c.scheduler for c in self.trainer.lr_scheduler_configs])
+        for batches in self._loaders:
+            batches.keep(keep)
+        self.rows = [self.rows[r] for r in keep]
+        self._row = {k: r for r, k in enumerate(self.rows)}
+        self._weights, self._frozen = {}, None  # every frozen member was cut
+        self.compactions.append((self.current_epoch, len(self.rows)))
 
     def configure_optimizers(self):
         kwargs = member_kwargs(self.members)
