@@ -7,7 +7,8 @@
     python scripts/reproduce.py efflr            # 4. effective learning rates over training (AdaBound's Fig. 1)
     python scripts/reproduce.py bias             # 5. Adam with and without bias correction (Adam's Sec. 6.4)
     python scripts/reproduce.py configs          # 6. the GPU-scale experiment files and what they report
-    python scripts/reproduce.py all              # all six, in that order
+    python scripts/reproduce.py deepobs          # 7. DeepOBS's lr protocol, 12 optimizers x 36 lrs x 10 seeds
+    python scripts/reproduce.py all              # all seven, in that order (deepobs alone takes 1-2 hours)
 
 Each prints its numbers and writes them, with its figures, into ``--out`` (default ``docs/figures/``): ``<item>.json``
 plus PNGs (and GIFs, CSVs). ``--quick`` shrinks every item to seconds (the tests run it); the numbers in the document
@@ -39,7 +40,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--stochastic-steps", type=int, help="steps of the stochastic problem (default 8000)")
     g.add_argument("--seeds", type=int, help="seeds of the stochastic problem (default 3)")
     g = p.add_argument_group("sensitivity")
-    g.add_argument("--workers", type=int, default=2, help="optstudy study run processes (default 2)")
+    g.add_argument("--workers", type=int, help="optstudy study run processes (default 2; deepobs 1)")
+    g = p.add_argument_group("deepobs")
+    g.add_argument("--workdir", type=Path, help="where the study's journal and MLflow files go; a finished study "
+                                                "there is read back, an unfinished one resumed")
+    g.add_argument("--sample", type=int, help="one-at-a-time sample for the estimate (default 24 runs)")
     g = p.add_argument_group("efflr")
     g.add_argument("--epochs", type=int, help="efflr: epochs (default 30); bias: epochs (default 20)")
     g.add_argument("--every", type=int, default=10, help="efflr: steps between histograms (default 10)")

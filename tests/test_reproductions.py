@@ -99,6 +99,19 @@ def test_bias(reproduce, tmp_path):
     assert (tmp_path / "bias.png").stat().st_size > 10_000
 
 
+def test_deepobs(reproduce, tmp_path):
+    """Two optimizers x four lrs x two seeds as populations, plus a one-at-a-time sample: every seed's run is read
+    back from MLflow, and Adam at lr 2.51 diverges for every seed (marked, not averaged)."""
+    data = run(reproduce, tmp_path, "deepobs", "--workdir", str(tmp_path / "work"))
+    assert data["runs"] == 2 * 4 * 2 and data["one_at_a_time"]["runs"] == 2
+    rows = {r["optimizer"]: r for r in data["optimizers"]}
+    assert set(rows) == {"sgd", "adam"} and all(r["runs"] == 8 for r in rows.values())
+    assert rows["adam"]["all_diverged_from_lr"] == 2.51 and rows["adam"]["diverged_runs"] == 2
+    assert rows["adam"]["best_median"] < rows["sgd"]["best_median"] < 2.4  # one epoch: Adam learns faster
+    assert (tmp_path / "deepobs_panels.png").stat().st_size > 10_000
+    assert set(data) == set(shipped("deepobs"))
+
+
 def test_configs_table_is_the_documents(tmp_path):
     """As a script (the entry point the document shows); the table it writes appears verbatim in the document."""
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), "configs", "--out", str(tmp_path)],

@@ -24,6 +24,11 @@ STUDIES = {"mnist1d": ROOT / "studies" / "reproduce_sensitivity.yaml",
            "digits": ROOT / "studies" / "reproduce_sensitivity_digits.yaml"}
 
 
+def defaults(args) -> None:
+    if getattr(args, "workers", None) is None:
+        args.workers = 2
+
+
 def run(args) -> dict:
     """``optstudy study run`` (two workers, a journal file in a temporary directory), then the study read back with
     the sensitivity report's tables and robustness table (``optstudy.dashboards``); AdaBound's final_lr and gamma
