@@ -44,8 +44,22 @@ def test_mnist1d_leaves_the_global_rngs_as_they_were():
     np.random.seed(5)
     expected = np.random.rand()
     np.random.seed(5)
-    DATASETS["mnist1d"](0, num_samples=10)
+    _embedded._mnist1d.__wrapped__(0, 10)  # made, not taken from the process's cache
     assert np.random.rand() == expected
+
+
+def test_mnist1d_is_made_once_per_process_and_training_leaves_it_as_made():
+    """Kept per (seed, num_samples): a study's runs of one seed share it, so no run may change it."""
+    from optstudy.config import compose as compose_train
+    from optstudy.train import train
+
+    made = DATASETS["mnist1d"](3, num_samples=200)
+    assert DATASETS["mnist1d"](3, num_samples=200) is made
+    before = [t.clone() for t in (*made.train.tensors, *made.val.tensors)]
+    train(compose_train(["data=mnist1d", "data.num_samples=200", "seed=3", "trainer.max_epochs=1", "logger=none",
+                         "checkpoint.enabled=false", "trainer.enable_progress_bar=false"]))
+    assert DATASETS["mnist1d"](3, num_samples=200) is made
+    assert all(torch.equal(a, b) for a, b in zip(before, (*made.train.tensors, *made.val.tensors), strict=True))
 
 
 @pytest.mark.parametrize("bad", [9, 12.0, True, None])

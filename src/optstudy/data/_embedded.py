@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 
 import numpy as np
@@ -51,11 +52,18 @@ def mnist1d(seed: int, num_samples: int = 5000) -> Data:
     defaults and its own split: the first 80% of the ``num_samples`` shuffled examples (rounded down to a multiple of
     10) train, the rest validate. x is float32 (40,), standardised by the package over the whole set.
     """
-    from mnist1d.data import get_dataset_args, make_dataset
-
     # the package makes num_samples // 10 examples of each digit
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 10:
         raise ConfigError(f"data.num_samples must be an integer >= 10 (one example per class), got {num_samples!r}")
+    return _mnist1d(seed, num_samples)
+
+
+@functools.lru_cache(maxsize=16)
+def _mnist1d(seed: int, num_samples: int) -> Data:
+    """Kept per process: making one costs 1.5-4 s, a study worker trains many runs of the same seeds, and a
+    population needs one per seed (ten seeds: 15-40 s of each population's set-up). Nothing writes to them."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
     args = get_dataset_args()
     args.seed, args.num_samples = seed, num_samples
     with _global_rng_kept():
