@@ -9,6 +9,9 @@ rate (``optstudy.optim.lr_histogram``) and logs, per param group ``g``:
 At the end the histograms over time are saved (``eff_lr_histograms.npz``) and drawn as a heatmap of training step x
 log10 lr (``eff_lr_heatmap.png``), as in AdaBound's Figure 1: Adam's rates spreading to extremes, AdaBound's gathering
 at final_lr.
+
+This module's ``EffectiveLR`` records; optstudy's ``train.py`` writes its files and uploads them with the run's other
+artifacts. In your own Lightning code use ``optstudy.callbacks.EffectiveLR``, which also puts them into the MLflow run.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import numpy as np
 import torch
 from pytorch_lightning import Callback
 
-from optstudy.optim import lr_histogram
+from optstudy.errors import ConfigError
+from optstudy.optim import CoreOptimizer, lr_histogram
 
 QUANTILES = {"p1": 0.01, "p5": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "p99": 0.99}
 
@@ -42,6 +46,13 @@ class EffectiveLR(Callback):
         self.records: list = []  # LRHistogram per recorded step
         self.bounds: list = []  # per recorded step: [[lower, upper] per group], for AdaBound/AMSBound
 
+    def on_train_start(self, trainer, module):
+        # a torch.optim optimizer has no per-element effective lr to bin: say so now, not mid-epoch
+        opt = trainer.optimizers[0] if trainer.optimizers else None
+        if not isinstance(opt, CoreOptimizer):
+            raise ConfigError(f"EffectiveLR needs an optimizer of optstudy.optim (configure_optimizers returning "
+                              f"optstudy.optim.build(name, self.parameters(), ...)), got {type(opt).__name__}")
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         step = trainer.global_step  # already counts the step just taken: the t of the update it describes
         if trainer.is_global_zero and (step % self.every == 0 or step == 1):
@@ -57,8 +68,8 @@ class EffectiveLR(Callback):
         opt = trainer.optimizers[0]
         hist = lr_histogram(opt, self.bins, self.low, self.high)
         metrics = {f"eff_lr/g{g}/{k}": v for g in range(hist.counts.shape[0]) for k, v in summary(hist, g).items()}
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(metrics, step)
+        for logger in trainer.loggers:  # every logger the user gave the Trainer (train.py gives one or none)
+            logger.log_metrics(metrics, step)
         self.steps.append(step)
         self.records.append(hist)
         if hasattr(opt, "bounds"):  # AdaBound's (lower, upper) of this update, per group, to draw on the heatmap

@@ -6,7 +6,9 @@
     >>> lrs = opt.effective_lrs()          # one tensor per stepped parameter
     >>> hist = o.lr_histogram(opt)         # counts of log10 lr per group, clipped fractions
 
-Each class's docstring gives its update rule, defaults and the reference it equals.
+Each class's docstring gives its update rule, defaults and the reference it equals. In a LightningModule,
+``configure_optimizers`` returns ``o.build(name, self.parameters(), ...)`` (alone or with a scheduler config);
+``optstudy.callbacks`` logs its effective learning rates.
 """
 
 from __future__ import annotations

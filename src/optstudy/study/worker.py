@@ -24,10 +24,10 @@ import warnings
 from pathlib import Path
 
 import optuna
-import pytorch_lightning as pl
 from optuna.trial import TrialState
 
 import optstudy.optim as optim
+from optstudy.callbacks import OptunaPruning
 from optstudy.config import TrackingUnreachable, compose, validate
 from optstudy.errors import ConfigError, OptstudyError
 from optstudy.study.spec import Study
@@ -104,21 +104,18 @@ def budget(ident: dict[str, str], spec: Study) -> str:
 
 
 # --- pruning ----------------------------------------------------------------------------------------------------------
-class Pruning(pl.Callback):
-    """Reports the objective after every validation to the trial, at step ``offset + epoch``, and stops the run
-    when the pruner says so (optuna-integration's callback imports ``lightning.pytorch``, which we do not use)."""
+class Pruning(OptunaPruning):
+    """``OptunaPruning`` of the objective at step ``offset + epoch`` (a trial's seeds continue one curve), reported at
+    the end of the training epoch, after its validation and the epoch's other callbacks (the timer's line)."""
 
     def __init__(self, trial: optuna.Trial, metric: str, offset: int):
-        self.trial, self.metric, self.offset = trial, metric, offset
+        super().__init__(trial, metric, offset)
+
+    def on_validation_end(self, trainer, module):
+        pass  # reported in on_train_epoch_end instead
 
     def on_train_epoch_end(self, trainer, module):  # after this epoch's validation
-        value = trainer.callback_metrics.get(self.metric)
-        if value is None:
-            return
-        step = self.offset + trainer.current_epoch
-        self.trial.report(float(value), step)
-        if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at epoch {trainer.current_epoch + 1} ({self.metric}={float(value):.4g})")
+        self.report(trainer)
 
 
 # --- the worker -------------------------------------------------------------------------------------------------------
