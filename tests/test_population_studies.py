@@ -153,6 +153,53 @@ def test_median_prunes_only_against_finished_trials(tmp_path, mlflow_uri):
     assert run.data.tags["optuna.pruned"] == "true"  # as a pruned one-at-a-time trial's run
 
 
+def test_percentile_prunes_only_against_finished_trials(tmp_path, mlflow_uri):
+    """Like the median pruner: nothing is pruned within the first population, the hopeless trial of the next one
+    is (worse than the best 25% of the finished trials after its first epoch)."""
+    path = study_file(tmp_path, "pct", sampler={"name": "grid"}, overrides=["trainer.max_epochs=3"],
+                      pruner={"name": "percentile", "n_startup_trials": 1, "n_warmup_steps": 0},
+                      optimizers={"adam": {"lr": [1e-2, 1e-7, 3e-3, 1e-8]}})
+    storage = str(tmp_path / "pct.journal")
+    assert cli(["study", "run", str(path), "--storage", storage, "--population", "2"]) == 0
+    done = sorted(trials("pct", storage), key=lambda t: t.number)
+    assert all(t.state == TrialState.COMPLETE for t in done[:2])
+    hopeless = next(t for t in done[2:] if t.params["lr"] == 1e-8)
+    assert hopeless.state == TrialState.PRUNED and max(hopeless.intermediate_values) == 0
+
+
+def test_successive_halving_prunes_within_a_population(tmp_path, mlflow_uri):
+    """Successive halving, as Hyperband, compares trials that reported at the same step, running ones included."""
+    path = study_file(tmp_path, "sha", n_trials=8, seeds=[0], sampler={"name": "random", "seed": 3},
+                      pruner={"name": "successive_halving", "reduction_factor": 2}, overrides=["trainer.max_epochs=4"],
+                      enqueue_defaults=False, optimizers={"sgd": {"lr": {"low": 1e-5, "high": 1.0, "log": True}}})
+    storage = str(tmp_path / "sha.journal")
+    assert cli(["study", "run", str(path), "--storage", storage, "--population", "8"]) == 0
+    done = trials("sha", storage)
+    assert len(done) == 8 and len({t.user_attrs["population"] for t in done}) == 1
+    pruned = [t for t in done if t.state == TrialState.PRUNED]
+    assert pruned and all(len(t.intermediate_values) < 4 for t in pruned)
+    best = min((t for t in done if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert all(t.value is None or t.value >= best.value for t in done)
+
+
+def test_cmaes_asks_k_points_of_one_generation(tmp_path, mlflow_uri):
+    """CMA-ES: K asks draw K points from the current search distribution (popsize = K: one generation a
+    population). Its search space is what finished trials share, so the first population is drawn at random and
+    the second is generation 0."""
+    path = study_file(tmp_path, "cma", n_trials=8, seeds=[0], sampler={"name": "cmaes", "seed": 0, "popsize": 4},
+                      enqueue_defaults=False, overrides=["trainer.max_epochs=1"],
+                      optimizers={"adam": {"lr": {"low": 1e-4, "high": 1e-1, "log": True},
+                                           "beta1": {"low": 0.5, "high": 0.95}}})
+    storage = str(tmp_path / "cma.journal")
+    assert cli(["study", "run", str(path), "--storage", storage, "--population", "4"]) == 0
+    done = sorted(trials("cma", storage), key=lambda t: t.number)
+    assert len(done) == 8 and all(t.state == TrialState.COMPLETE for t in done)
+    assert len({t.user_attrs["population"] for t in done}) == 2
+    assert len({(t.params["lr"], t.params["beta1"]) for t in done}) == 8
+    generations = [t.system_attrs.get("cma:generation") for t in done]
+    assert generations[:4] == [None] * 4 and generations[4:] == [0] * 4
+
+
 def test_the_deepobs_protocol_study_file():
     from tests.test_studies import ROOT
     from optstudy.study import spec as specs

@@ -8,14 +8,15 @@ model, data and budget, which the study fixes) groups the trials; each group is 
 
 How each sampler is asked for K: grid points are the enqueued trials, taken K at a time; random and QMC draw K
 independent points; TPE runs with ``constant_liar`` (the worker's default), so each of the K asks sees the earlier
-ones as running with a pessimistic value and proposes elsewhere; CMA-ES would take one generation (not offered by
-study files yet).
+ones as running with a pessimistic value and proposes elsewhere; CMA-ES (``sampler: {name: cmaes, popsize: K}``)
+draws K points of its current generation, one generation a population; its search space is what finished trials
+share, so a study's first population is drawn at random.
 
 Pruning: every member reports its objective after each epoch at its standalone step (seed i's epoch e at
-``i * epochs + e``); a pruned trial's members are frozen (they stop costing updates, not arithmetic: the stack is
-not compacted) and the trial is told PRUNED. Optuna's median and percentile pruners compare only with finished
-trials, so they prune nothing within a study's first population; Hyperband and successive halving compare with the
-trials that reported at the same step, running ones included, so they prune within a population.
+``i * epochs + e``); a pruned trial's members are frozen, cut from the stack once a quarter of it has stopped
+(``PopulationTask._compact``), and the trial is told PRUNED. Optuna's median and percentile pruners compare only
+with finished trials, so they prune nothing within a study's first population; Hyperband and successive halving
+compare with the trials that reported at the same step, running ones included, so they prune within a population.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@
     direction: minimize
     n_trials: 60                   # budget: finished trials (complete, pruned, failed), over all workers
     seeds: [0, 1, 2]               # every configuration trains once per seed; its value is their mean
-    sampler: {name: tpe, seed: 0}  # tpe | random | grid | qmc
-    pruner: {name: median}         # median | hyperband | none (+ their keywords)
+    sampler: {name: tpe, seed: 0}  # tpe | random | grid | qmc | cmaes
+    pruner: {name: median}         # median | percentile | hyperband | successive_halving | none (+ their keywords)
     enqueue_defaults: true         # the papers' defaults first (Adam lr=1e-3; AdaBound 1e-3, final_lr 0.1, γ 1e-3)
     overrides: [trainer.max_epochs=10]  # Hydra overrides that fix the problem
     population: 16                 # ask up to 16 trials at once and train them as populations (default 1)
@@ -35,8 +35,8 @@ import optstudy.optim as optim
 from optstudy.errors import ConfigError
 from optstudy.optim.bounds import SCHEDULES
 
-SAMPLERS = ("tpe", "random", "grid", "qmc")
-PRUNERS = ("median", "hyperband", "none")
+SAMPLERS = ("tpe", "random", "grid", "qmc", "cmaes")
+PRUNERS = ("median", "percentile", "hyperband", "successive_halving", "none")
 HPARAMS = ("lr", "beta1", "beta2", "eps", "momentum", "weight_decay", "final_lr", "gamma")
 # the papers' defaults, enqueued first so that every study contains the baseline a reader expects
 PAPER_DEFAULTS = {"adam": {"lr": 1e-3}, "adabound": {"lr": 1e-3, "final_lr": 0.1, "gamma": 1e-3},

@@ -402,6 +402,8 @@ def make_sampler(spec: Study, offset: int = 0) -> optuna.samplers.BaseSampler:
                                                  **options})
         if name == "qmc":
             return optuna.samplers.QMCSampler(**{"scramble": True, **options})
+        if name == "cmaes":  # continuous parameters; a categorical (the optimizer) is sampled at random
+            return optuna.samplers.CmaEsSampler(**{"warn_independent_sampling": False, **options})
         return optuna.samplers.RandomSampler(**options)  # random, and grid (whose points are all enqueued)
     except TypeError as exc:
         raise ConfigError(f"sampler: {exc}") from None
@@ -413,6 +415,11 @@ def make_pruner(spec: Study, epochs: int) -> optuna.pruners.BasePruner:
     try:
         if name == "median":
             return optuna.pruners.MedianPruner(**{"n_startup_trials": 5, "n_warmup_steps": 1, **options})
+        if name == "percentile":
+            return optuna.pruners.PercentilePruner(**{"percentile": 25.0, "n_startup_trials": 5, "n_warmup_steps": 1,
+                                                      **options})
+        if name == "successive_halving":
+            return optuna.pruners.SuccessiveHalvingPruner(**{"min_resource": 1, **options})
         if name == "hyperband":
             total = epochs * len(spec.seeds)  # a trial reports once per epoch of each seed
             return optuna.pruners.HyperbandPruner(**{"min_resource": 1, "max_resource": total, **options})
