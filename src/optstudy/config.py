@@ -164,6 +164,9 @@ def validate(cfg: DictConfig, overrides: list[str] = ()) -> None:
         raise ConfigError(f"bound={cfg.bound.name}: optimizer {name} has no learning-rate bounds, so it would be "
                           f"ignored; bounds are for {', '.join(bounded)}")
     optim.check(name, **kwargs)  # every hyperparameter's rule, as optim.build applies them
+    from optstudy.models import check_targets
+
+    check_targets(cfg)  # a model's or data's _target_ imports, its keys are valid (the data is not loaded yet)
     from optstudy.population import members
 
     if members.active(cfg):

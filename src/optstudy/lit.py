@@ -155,9 +155,13 @@ class Task(pl.LightningModule):
                           num_workers=self.cfg.data.get("num_workers", 0))
 
     def train_dataloader(self):
+        if self.data.datamodule is not None:  # the user's LightningDataModule: its batch size, collate and order
+            return self.data.datamodule.train_dataloader()
         return self._loader(self.data.train, shuffle=True)
 
     def val_dataloader(self):
+        if self.data.datamodule is not None:
+            return self.data.datamodule.val_dataloader()
         return self._loader(self.data.val, shuffle=False)
 
     # --- steps ----------------------------------------------------------------------------------------------------

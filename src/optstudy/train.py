@@ -20,7 +20,7 @@ from pytorch_lightning.utilities import rank_zero_only
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from optstudy import data
+from optstudy import data, models
 from optstudy.config import optimizer_kwargs, validate  # noqa: F401  (re-exported for callers)
 from optstudy.errors import ConfigError
 from optstudy.lit import Diverged, EpochTimer, Task, Trajectory  # noqa: F401  (re-exported for callers)
@@ -69,7 +69,7 @@ def make_logger(cfg: DictConfig, resume_run: str | None) -> MLflowLogger | None:
         return None
     if cfg.logger.name != "mlflow":
         raise ConfigError(f"logger.name must be mlflow or none, got {cfg.logger.name!r}")
-    tags = {"optimizer": cfg.optimizer.name, "model": cfg.model.name, "data": cfg.data.name,
+    tags = {"optimizer": cfg.optimizer.name, "model": models.label(cfg.model), "data": data.label(cfg.data),
             "mlflow.source.git.commit": git_commit(), **flatten(OmegaConf.to_container(cfg.tags, resolve=True))}
     return MLflowLogger(tracking_uri(cfg.logger.get("tracking_uri")), cfg.logger.experiment, run_name(cfg), tags,
                         run_id=resume_run, outage_wait=float(cfg.logger.get("outage_wait", 60)))

@@ -5,6 +5,9 @@
 - objective models (synthetic problems) *are* the loss: ``forward(batch)`` returns the scalar training loss, and they
   have ``val_loss()`` (the noise-free objective), ``metrics()`` (a dict of floats logged every step, e.g. the iterate
   ``x``) and ``project_()`` (called after every optimizer step, e.g. to clip to a feasible set; may do nothing).
+
+A config with ``_target_`` instead of a built-in ``name`` is a model of the user's own (``optstudy.models._target``):
+any callable returning an ``nn.Module`` for ``model.task`` (default classification), held to the same contract.
 """
 
 from __future__ import annotations
@@ -27,7 +30,25 @@ def names() -> tuple[str, ...]:
     return tuple(_registry())
 
 
+def check_targets(cfg) -> None:
+    """A ``_target_`` in ``cfg.model`` or ``cfg.data`` imports and is callable, and their keys are valid; needs no
+    data (``optstudy.config.validate`` calls it). Adds null ``data.task|n_classes|shape`` for interpolations."""
+    from optstudy.models import _target
+
+    _target.check_config(cfg)
+
+
+def label(cfg) -> str:
+    """What names the model in tags and lines: ``name``, else the ``_target_`` (a model of the user's own)."""
+    return cfg.get("name") or cfg.get("_target_")
+
+
 def build(cfg, data) -> nn.Module:
+    """The model ``cfg`` names (``name``, or ``_target_``) for ``data``, an ``optstudy.data.Data``."""
+    from optstudy.models import _target
+
+    if _target.targets.has_target(cfg):
+        return _target.build(cfg, data)
     registry = _registry()
     if cfg.name not in registry:
         raise ConfigError(f"model.name: unknown model {cfg.name!r}; valid names: {', '.join(registry)}")

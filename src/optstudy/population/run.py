@@ -67,11 +67,13 @@ def train_population(cfg: DictConfig, settings: list[dict] | None = None,
     configs, settings = pop.member_dicts(cfg, settings)
     start = time.perf_counter()
     modules, datasets = _build_members(cfg, configs)
+    if "n_classes" in cfg.data:  # loading filled data.n_classes etc.: the members' configs carry the values now
+        configs, settings = pop.member_dicts(cfg, settings)
     try:
         model = stack(modules)
     except NotStackable as exc:
-        print(f"note: model {cfg.model.name} cannot be stacked ({exc}); training its {len(configs)} members one "
-              "after another", flush=True)
+        print(f"note: model {models.label(cfg.model)} cannot be stacked ({exc}); training its {len(configs)} "
+              "members one after another", flush=True)
         return _sequential(cfg, [OmegaConf.create(c) for c in configs], settings, start)
     return _stacked(cfg, configs, settings, model, datasets, start, callbacks or [])
 
@@ -86,6 +88,9 @@ def _build_members(cfg, configs) -> tuple[list, list]:
         if seed not in loaded:  # the loaders draw from their own generators, not the global one
             loaded[seed] = data.load(cfg.data, seed)
         datasets.append((seed, loaded[seed]))
+        if loaded[seed].datamodule is not None:  # its loaders batch and order; stacked members need our batches
+            raise ConfigError(f"population: data._target_ {data.label(cfg.data)} is a LightningDataModule, whose own "
+                              "loaders a population cannot stack; return its (train, val) Datasets instead")
         modules.append(models.build(cfg.model, loaded[seed]))
     return modules, datasets
 
@@ -147,7 +152,7 @@ def _logger(cfg, configs, settings):
         return None
     from optstudy.population.tracking import PopulationLogger
 
-    tags = {"optimizer": cfg.optimizer.name, "model": cfg.model.name, "data": cfg.data.name,
+    tags = {"optimizer": cfg.optimizer.name, "model": models.label(cfg.model), "data": data.label(cfg.data),
             "mlflow.source.git.commit": git_commit()}
     extra = flatten(OmegaConf.to_container(cfg.tags, resolve=True))
     members = [{"run_name": _run_name(m), "params": m,
@@ -196,7 +201,8 @@ def _sequential(cfg, configs, settings, start) -> PopulationResult:
 
         parent = MLflowLogger(tracking_uri(cfg.logger.get("tracking_uri")), cfg.logger.experiment,
                               f"{cfg.optimizer.name} population of {len(configs)}",
-                              {"optimizer": cfg.optimizer.name, "model": cfg.model.name, "data": cfg.data.name,
+                              {"optimizer": cfg.optimizer.name, "model": models.label(cfg.model),
+                               "data": data.label(cfg.data),
                                "population.size": len(configs)})
         parent.log_hyperparams(_resolved(cfg))
     results = []
