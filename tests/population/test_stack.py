@@ -220,3 +220,19 @@ def test_members_must_be_alike(other, reason):
     with pytest.raises(NotStackable, match=reason):
         stack(members)
     assert isinstance(stack(members[:1]), Stacked)  # one member is a population too
+
+
+def test_keep_members_cuts_every_tensor_in_place_unless_something_holds_a_weak_reference():
+    import weakref
+
+    members = population("cnn")
+    stacked = stack(members)
+    params = list(stacked.parameters())
+    assert stacked.can_keep_members()
+    stacked.keep_members([0, 2])
+    assert list(stacked.parameters()) == params and all(p.shape[0] == 2 for p in params)  # the same objects
+    for kept, k in ((0, 0), (1, 2)):
+        for p, q in zip(stacked.member(kept).parameters(), members[k].parameters(), strict=True):
+            assert torch.equal(p, q)
+    ref = weakref.ref(params[0])  # as a compiler's guard would hold: swap_tensors would refuse, so no cut at all
+    assert not stacked.can_keep_members() and ref() is params[0]

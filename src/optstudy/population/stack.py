@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -223,6 +224,12 @@ class Stacked(nn.Module):
     def _state(self, k: int | None = None) -> dict[str, torch.Tensor]:
         """The stacked tensors by their names in ``_Method(self.model, ...)``; with ``k``, member k's views."""
         return {f"module.{name}": t if k is None else t[k] for name, t in _tensors(self.model).items()}
+
+    def can_keep_members(self) -> bool:
+        """Whether ``keep_members`` can swap every parameter (``torch.utils.swap_tensors`` refuses a tensor with a
+        weak reference, e.g. one a compiler holds, or other owners of its storage handle): checked first, so that a
+        cut is all or nothing."""
+        return all(not weakref.getweakrefs(p) and p._use_count() <= 2 for p in self.model.parameters())
 
     @torch.no_grad()
     def keep_members(self, keep: list[int]) -> None:

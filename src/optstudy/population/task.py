@@ -312,7 +312,8 @@ class PopulationTask(pl.LightningModule):
     def on_train_epoch_end(self):  # after this epoch's validation, where a study prunes
         gone = [r for r, k in enumerate(self.rows) if k in self.diverged or k in self.stopped]
         if gone and len(gone) < len(self.rows) and len(gone) >= COMPACT_AT * len(self.rows):
-            self._compact([r for r in range(len(self.rows)) if r not in set(gone)])
+            if self.model.can_keep_members():  # else the stopped members stay frozen in the stack
+                self._compact([r for r in range(len(self.rows)) if r not in set(gone)])
 
     def _compact(self, keep: list[int]) -> None:
         """Only rows ``keep`` from now on: the stack, the optimizer's state and hyperparameters, the lr schedule's
