@@ -212,21 +212,36 @@ def test_the_deepobs_protocol_study_file():
 
 def test_postgres_a_killed_population_is_retried_by_heartbeat(tmp_path, mlflow_uri, postgres_url):
     """Asked trials beat while their population trains (Optuna beats only for study.optimize): killed, they go
-    stale and another worker fails and retries every one of them."""
+    stale and another worker fails and retries every one of them, even one that had nothing left to ask and was
+    waiting for them (before, it left them RUNNING for good once it was the last worker)."""
     import os
+    import signal
     import time
 
-    from tests.test_studies import _kill_first_running_trial, finish, worker
+    from tests.test_studies import finish, worker
 
     name = f"pgpop{os.getpid()}{int(time.time())}"
-    path = study_file(tmp_path, name, seeds=[0], sampler={"name": "grid"}, overrides=["trainer.max_epochs=60"],
+    path = study_file(tmp_path, name, seeds=[0], sampler={"name": "grid"}, overrides=["trainer.max_epochs=150"],
                       optimizers={"adam": {"lr": [1e-3, 1e-2]}})
-    _kill_first_running_trial(worker(path, postgres_url, "--heartbeat", "1", "--population", "2"), name,
-                              postgres_url)
-    time.sleep(3)  # past the grace period (2 heartbeats)
-    finish(worker(path, postgres_url, "--heartbeat", "1", "--population", "2"))
+    first = worker(path, postgres_url, "--heartbeat", "1", "--population", "2")
+    while not (_exists(name, postgres_url) and trials(name, postgres_url, (TrialState.RUNNING,))):
+        time.sleep(0.5)
+    second = worker(path, postgres_url, "--heartbeat", "1", "--population", "2")
+    try:
+        lines = []
+        while not lines or "waiting for other workers' running trials" not in lines[-1]:
+            lines.append(second.stdout.readline())
+            assert lines[-1], f"the second worker never waited: {''.join(lines)}"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finish(second)
     every = trials(name, postgres_url)
     failed = [t for t in every if t.state == TrialState.FAIL]
     assert len(failed) == 2  # the whole killed population, failed by the heartbeat check
     complete = [t for t in every if t.state == TrialState.COMPLETE]
     assert sorted(t.params["lr"] for t in complete) == [1e-3, 1e-2]
+
+
+def _exists(name, storage) -> bool:
+    return name in optuna.get_all_study_names(open_storage(storage)[0])

@@ -215,7 +215,7 @@ class Worker:
             if hasattr(self.storage, "record_heartbeat"):  # a database storage with heartbeats
                 # fail (and so retry) the trials of dead workers now: counted as RUNNING they would hold budget
                 optuna.storages.fail_stale_trials(self.study)
-            if not self._budget_left():
+            if not self._budget_left() and not self._await_running():
                 break
             if self.population > 1:
                 from optstudy.study.population import run_population
@@ -228,6 +228,24 @@ class Worker:
             if self.stopped_by is not None:  # its trial is queued again for a worker that can reach the server
                 raise self.stopped_by
         return done
+
+    def _await_running(self) -> bool:
+        """Nothing left to ask, but other workers' trials are RUNNING: on a database, wait until they end or their
+        heartbeats go stale (then they are failed and queued again: True, there is work). Otherwise a killed worker's
+        trials would stay RUNNING once the last live worker had left. A journal file's dead workers on this host were
+        just retried; others' trials cannot be judged from here, so no wait there."""
+        if not hasattr(self.storage, "record_heartbeat"):
+            return False
+        said = False
+        while any(t.state == TrialState.RUNNING for t in self.study.get_trials(deepcopy=False)):
+            if not said:
+                print("waiting for other workers' running trials (retried here if their worker died)", flush=True)
+                said = True
+            time.sleep(self.storage.get_heartbeat_interval())
+            optuna.storages.fail_stale_trials(self.study)
+            if self._budget_left():
+                return True
+        return False
 
     def _budget_left(self) -> int:
         """How many more trials this study may ask (grid: the points still waiting)."""
