@@ -70,7 +70,7 @@ def test_shipped_study_files_parse():
                                                                  r"low=1, high=0.1"),
     ({"optimizers": {"adam": {"lr": {"low": 0, "high": 1, "log": True}}}}, r"a log range needs low > 0, got low=0"),
     ({"sampler": {"name": "grid"}}, r"sampler grid needs lists of values, but optimizers.adam.lr is a range"),
-    ({"sampler": "cmaes"}, r"sampler.name must be one of tpe, random, grid, qmc, got 'cmaes'"),
+    ({"sampler": "cmaess"}, r"sampler.name must be one of tpe, random, grid, qmc, cmaes, got 'cmaess'"),
     ({"n_trials": 0}, r"n_trials must be an integer > 0, got 0"),
     ({"optimizers": {"adam": {"bound": ["hyperbolic"]}}}, r"only adabound and amsbound have bound schedules"),
     ({"trials": 3}, r"unknown key 'trials'; valid keys: direction, enqueue_defaults"),

@@ -1,4 +1,5 @@
-"""What several items share: composing and running a config, rounding and writing the JSON, terminal tables, figures."""
+"""What several items share: composing (``optstudy.config.compose``) and running a config, rounding and writing the
+JSON, terminal tables, figures."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ matplotlib.use("Agg")  # a script: files only, no window
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: where the figures and "wrote ..." paths are
 FIGURES = ROOT / "docs" / "figures"
 SCRATCH = Path(tempfile.gettempdir()) / "optstudy-reproduce"
 # twelve colours that stay apart on a contour plot (matplotlib's default cycle has ten)
@@ -24,15 +25,14 @@ COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e3
 
 
 def compose(*overrides: str, logger: str = "none"):
-    """``conf/train.yaml`` with ``overrides``, no checkpoint files, no progress bar; ``logger=none`` unless asked."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """``optstudy.config.compose`` (the one way in) with no checkpoint files and no progress bar; ``logger=none``
+    unless asked."""
+    from optstudy.config import compose as compose_config
 
     # a run directory outside the repository (Lightning's default_root_dir), unless the caller wants the artifacts
     scratch = [] if any(o.startswith("checkpoint.dir=") for o in overrides) else [f"checkpoint.dir={SCRATCH}"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=[
-            "checkpoint.enabled=false", f"logger={logger}", "trainer.enable_progress_bar=false", *scratch, *overrides])
+    return compose_config(["checkpoint.enabled=false", f"logger={logger}", "trainer.enable_progress_bar=false",
+                           *scratch, *overrides])
 
 
 def train(cfg, callbacks=()):

@@ -9,6 +9,8 @@ each composed as ``train.py`` would and its comments parsed for the results they
 from __future__ import annotations
 
 import re
+from importlib import resources
+from pathlib import Path
 
 from ._common import ROOT, compose, write_json
 
@@ -33,7 +35,7 @@ def run(args) -> dict:
 
 def _experiment(name: str) -> tuple[dict, str]:
     """One file: its JSON entry and its row of the table."""
-    path = ROOT / "conf" / "experiment" / f"{name}.yaml"
+    path = Path(str(resources.files("optstudy._conf") / "experiment" / f"{name}.yaml"))  # the repository's conf/
     cfg = compose(f"experiment={name}")
     opt = cfg.optimizer
     settings = {"model": cfg.model.name, "data": cfg.data.name, "batch": cfg.data.batch_size,

@@ -17,13 +17,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from ._common import COLORS, ROOT, SCRATCH, figure, save, shown, table, write_json
+from ._common import COLORS, SCRATCH, figure, save, shown, table, write_json
 
-STUDY = ROOT / "studies" / "deepobs_protocol.yaml"
+STUDY = Path(str(resources.files("optstudy._studies") / "deepobs_protocol.yaml"))  # the repository's studies/
 CHANCE = float(np.log(10))  # MNIST-1D's ten classes
 QUICK = {"optimizers": ("sgd", "adam"), "lrs": 4, "seeds": 2, "epochs": 1}
 

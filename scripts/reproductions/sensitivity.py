@@ -14,14 +14,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from ._common import COLORS, ROOT, figure, save, table, write_json
 
-STUDIES = {"mnist1d": ROOT / "studies" / "reproduce_sensitivity.yaml",
-           "digits": ROOT / "studies" / "reproduce_sensitivity_digits.yaml"}
+SHIPPED = resources.files("optstudy._studies")  # the repository's studies/
+STUDIES = {"mnist1d": Path(str(SHIPPED / "reproduce_sensitivity.yaml")),
+           "digits": Path(str(SHIPPED / "reproduce_sensitivity_digits.yaml"))}
 
 
 def defaults(args) -> None:

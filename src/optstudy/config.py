@@ -18,19 +18,73 @@ from omegaconf import DictConfig, OmegaConf
 
 from optstudy.errors import ConfigError
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+OURS = "optstudy._conf"  # the repository's conf/, installed as this package (setup.py maps it)
 EXTRA_KEYS = ("result_file",)  # set by a study for a train.py subprocess (+result_file=...)
 
 
-def groups() -> dict[str, list[str]]:
-    """Config groups and their choices: ``{"optimizer": ["adabound", ...], ...}``."""
-    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(CONF.iterdir()) if d.is_dir()}
+# --- where configs come from ------------------------------------------------------------------------------------
+def user_dir(config_dir: str | os.PathLike) -> Path:
+    """``--config-dir``, absolute; a ``ConfigError`` listing the directories that do exist if it is not one."""
+    path = Path(config_dir).expanduser().absolute()
+    if path.is_dir():
+        return path
+    parent = next(p for p in path.parents if p.is_dir())
+    there = sorted(d.name for d in parent.iterdir() if d.is_dir() and not d.name.startswith("."))
+    raise ConfigError(f"--config-dir: must be a directory of config groups (e.g. model/mynet.yaml), got {config_dir} "
+                      f"which {'is a file' if path.exists() else 'does not exist'}; directories in {parent}: "
+                      f"{', '.join(there[:20]) or 'none'}")
+
+
+def trees(config_dir: str | os.PathLike | None = None) -> list:
+    """The config trees composing searches, in Hydra's order: ours (a package resource, so an installed optstudy
+    finds them from any directory), then the user's ``config_dir``."""
+    from importlib import resources
+
+    ours = resources.files(OURS)
+    if not config_dir:
+        return [ours]
+    theirs = user_dir(config_dir)
+    _refuse_shadowed(theirs, ours)
+    return [ours, theirs]
+
+
+def _refuse_shadowed(theirs: Path, ours) -> None:
+    """A user file at one of our paths would never be read (Hydra takes the first match, ours): refused, not
+    silently ignored."""
+    for path in sorted(theirs.rglob("*.yaml")):
+        relative = path.relative_to(theirs)
+        if ours.joinpath(*relative.parts).is_file():
+            raise ConfigError(f"--config-dir: {relative} is also one of optstudy's configs, which would be used "
+                              f"instead of yours ({path}); give yours another name, e.g. "
+                              f"{relative.with_name('my_' + relative.name)}")
+
+
+def groups(config_dir: str | os.PathLike | None = None) -> dict[str, list[str]]:
+    """Config groups and their choices, ours and the user's: ``{"optimizer": ["adabound", ...], ...}``."""
+    found: dict[str, set[str]] = {}
+    for tree in trees(config_dir):
+        for group in tree.iterdir():
+            if group.is_dir() and not group.name.startswith(("_", ".")):  # not __pycache__
+                found.setdefault(group.name, set()).update(
+                    f.name[:-5] for f in group.iterdir() if f.name.endswith(".yaml"))
+    return {name: sorted(choices) for name, choices in sorted(found.items())}
 
 
 def top_keys() -> list[str]:
     """The keys ``train.yaml`` has besides its groups (``seed``, ``objective``, ...)."""
-    own = yaml.safe_load((CONF / "train.yaml").read_text())
+    from importlib import resources
+
+    own = yaml.safe_load((resources.files(OURS) / "train.yaml").read_text())
     return sorted({*own, *EXTRA_KEYS} - {"defaults", "hydra"})
+
+
+def search_path(config_dir: str | os.PathLike | None = None) -> list[str]:
+    """The Hydra override that puts the user's directory on the search path behind ours, where Hydra's own
+    ``--config-dir`` puts it: their ``model/mynet.yaml`` is ``model=mynet``. Checked: it exists, shadows nothing."""
+    if not config_dir:
+        return []
+    quoted = str(trees(config_dir)[1]).replace("\\", "\\\\").replace("'", "\\'")  # a path with , or spaces
+    return [f"hydra.searchpath=['file://{quoted}']"]
 
 
 def _closest(word: str, options) -> str:
@@ -38,7 +92,7 @@ def _closest(word: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def check_overrides(overrides: list[str]) -> None:
+def check_overrides(overrides: list[str], config_dir: str | os.PathLike | None = None) -> None:
     """Every override names a group and one of its choices, or a key that exists (``+`` adds one below a group)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
@@ -47,7 +101,7 @@ def check_overrides(overrides: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except OverrideParseException as exc:
         raise ConfigError(f"overrides: {str(exc).splitlines()[0]}") from None
-    choices, keys = groups(), top_keys()
+    choices, keys = groups(config_dir), top_keys()
     for override in parsed:
         key = override.key_or_group
         head = key.split(".")[0].split("/")[0]
@@ -64,33 +118,37 @@ def check_overrides(overrides: list[str]) -> None:
                               f"choices: {', '.join(choices[key])}")
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """``train.yaml`` with ``overrides``, as ``train.py`` composes it (Hydra's node included, so that code asking
-    Hydra for its run directory gets answers); every mistake a ``ConfigError``."""
+def compose(overrides: list[str], config_dir: str | os.PathLike | None = None) -> DictConfig:
+    """``train.yaml`` with ``overrides``, as ``train.py`` and ``optstudy train`` compose it (Hydra's node included,
+    so that code asking Hydra for its run directory gets answers); every mistake a ``ConfigError``. The one way in:
+    every entry point composes here. ``config_dir``: the user's config groups, searched after ours."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException
 
-    check_overrides(overrides)
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    overrides = list(overrides)
+    check_overrides(overrides, config_dir)
+    search = search_path(config_dir)
+    with initialize_config_module(config_module=OURS, version_base="1.3"):
+        def composed(chosen: list[str], **kw) -> DictConfig:
+            return hydra_compose(config_name="train", overrides=[*chosen, *search], **kw)
+
         try:
-            cfg = hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+            cfg = composed(overrides, return_hydra_config=True)
         except HydraException as exc:
-            raise _missing_key(overrides, hydra_compose) or ConfigError(
+            raise _missing_key(overrides, composed, groups(config_dir)) or ConfigError(
                 "overrides: " + " ".join(str(exc).split())) from None
         HydraConfig.instance().set_config(cfg)
     return cfg
 
 
-def _missing_key(overrides: list[str], hydra_compose) -> ConfigError | None:
+def _missing_key(overrides: list[str], composed, choices: dict) -> ConfigError | None:
     """The error for the first override that changes a key its config lacks (Hydra would advise ``+``)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(list(overrides))
-    choices = groups()
-    picks = [o.input_line for o in parsed if o.key_or_group in choices]
-    base = hydra_compose(config_name="train", overrides=picks)
+    base = composed([o.input_line for o in parsed if o.key_or_group in choices])
     for override in parsed:
         key = override.key_or_group
         if override.is_add() or override.is_force_add() or key in choices or "." not in key:

@@ -182,7 +182,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Result:
         in_study = OmegaConf.select(cfg, "tags.optuna") is not None  # its worker prints where the runs are, once
         where = f"; open it with: {ui_command(logger.uri, logger.experiment_id)}" if logger and not in_study else ""
         run_id = f"run {logger.run_id} " if logger else ""
-        total = _process_seconds() if Path(sys.argv[0]).name == "train.py" else None  # a library caller's is its own
+        command = Path(sys.argv[0]).name in ("train.py", "optstudy", "__main__.py")  # not a library caller's
+        total = _process_seconds() if command else None
         took = f"trained in {time.perf_counter() - start:.1f}s" + (
             f", {total:.1f}s since the process started" if total is not None and not in_study else "")
         print(f"{run_id}'{logger.run_name if logger else run_name(cfg)}' {took}: {cfg.objective} = {value:.6g}"

@@ -151,7 +151,7 @@ def _train_group(worker, name: str, bound: str | None, group: list, assignments)
         if not os.environ.get("MLFLOW_TRACKING_URI") and attrs.get("tracking_uri"):
             overrides.append(f"++logger.tracking_uri='{attrs['tracking_uri']}'")
         pruning = PopulationPruning([t for t, _ in group], owners, seeds, worker.objective, worker.epochs)
-        result = train_population(compose(overrides), settings, callbacks=[pruning])
+        result = train_population(compose(overrides, worker.config_dir), settings, callbacks=[pruning])
     outcomes = []
     for i, (trial, _) in enumerate(group):
         mine = [k for k, owner in enumerate(owners) if owner == i]

@@ -143,10 +143,34 @@ def _inside(p: Param, value) -> bool:
     return value in p.choices if p.choices is not None else p.low <= value <= p.high
 
 
-def load(path: str | Path) -> Study:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file: no such file {path}")
+SHIPPED = "optstudy._studies"  # the repository's studies/, installed as this package (setup.py maps it)
+
+
+def shipped() -> list[str]:
+    """The names of the study files optstudy ships (``lr_sensitivity``, ``bounds``, ...)."""
+    from importlib import resources
+
+    return sorted(f.name[:-5] for f in resources.files(SHIPPED).iterdir() if f.name.endswith(".yaml"))
+
+
+def find(path_or_name: str | Path):
+    """A study file: ``path_or_name`` if it is a file, else the shipped study of that name (``.yaml`` optional);
+    a ``ConfigError`` listing the shipped ones otherwise."""
+    from importlib import resources
+
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    name = path.name.removesuffix(".yaml")
+    if path.parent == Path(".") and name in shipped():  # a bare name, not a missing path elsewhere
+        return resources.files(SHIPPED) / f"{name}.yaml"
+    raise ConfigError(f"study file: {path_or_name} is neither a file nor a shipped study; shipped ones run by name: "
+                      f"{', '.join(shipped())}")
+
+
+def load(path_or_name: str | Path) -> Study:
+    """The study file at ``path_or_name``, or the shipped study of that name, checked (``parse``)."""
+    path = find(path_or_name)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

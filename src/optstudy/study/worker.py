@@ -34,7 +34,6 @@ from optstudy.study.spec import Study
 from optstudy.study.storage import open_storage
 from optstudy.tracking import TrackingUnavailable
 
-ROOT = Path(__file__).resolve().parents[3]
 # a trial's runs keep their effective-lr histograms; the report draws the best runs' heatmaps from them, so drawing
 # every run's (~0.3 s, a quarter of a digits trial's overhead) is skipped (++: logger=none has no such key)
 NO_HEATMAP = ("++logger.eff_lr_heatmap=false",)
@@ -121,16 +120,19 @@ class Pruning(OptunaPruning):
 # --- the worker -------------------------------------------------------------------------------------------------------
 class Worker:
     def __init__(self, study: Study, storage_url: str | None = None, overrides: tuple[str, ...] = (),
-                 heartbeat: int = 30, threads: int | None = None, population: int | None = None):
+                 heartbeat: int = 30, threads: int | None = None, population: int | None = None,
+                 config_dir: str | None = None):
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # a line per trial instead (_print_outcome)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True
         self.spec, self.extra = study, tuple(overrides)
+        self.config_dir = config_dir  # the user's config groups (--config-dir), for every trial's compose
         self.population = population or study.population  # trials asked at once (--population, else the file's)
         self.stopped_by: Exception | None = None  # an error that ends this worker after the trial it failed
         env_threads = os.environ.get("OMP_NUM_THREADS", "")
         self.threads = threads or (int(env_threads) if env_threads.isdigit() else None)
         self.storage, self.storage_url = open_storage(storage_url, heartbeat)
-        base = compose([*study.overrides, *self.extra])  # fails now, once, for a bad override in the study or CLI
+        # fails now, once, for a bad override in the study or CLI
+        base = compose([*study.overrides, *self.extra], config_dir)
         validate(base)  # and for a bad value or a tracking server that does not answer: not once per trial
         self.objective = study.objective or base.objective
         self.identity = identity(base)
@@ -325,10 +327,10 @@ class Worker:
                          f"checkpoint.dir={tmp}",
                          *self._tags(trial, seed), *self.extra]
             if self.ddp:
-                return train_in_subprocess(overrides)
+                return train_in_subprocess(overrides, self.config_dir)
             from optstudy.train import train
 
-            result = train(compose(overrides), callbacks=[Pruning(trial, self.objective, offset)])
+            result = train(compose(overrides, self.config_dir), callbacks=[Pruning(trial, self.objective, offset)])
         return result.value, result.run_id, sum(result.epoch_seconds)
 
     def _tags(self, trial, seed) -> list[str]:
@@ -356,16 +358,18 @@ def _print_outcome(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None
     print(f"trial {trial.number} {outcome}  ({params})", flush=True)
 
 
-def train_in_subprocess(overrides: list[str]) -> tuple[float, str | None, float]:
-    """A multi-device trial: ``train.py`` in its own process, because Lightning's DDP re-executes ``sys.argv`` for the
-    other ranks (a study driver in DDP mode would start more drivers). No pruning across the process boundary."""
+def train_in_subprocess(overrides: list[str], config_dir: str | None = None) -> tuple[float, str | None, float]:
+    """A multi-device trial: ``optstudy train`` in its own process (with the worker's ``--config-dir``), because
+    Lightning's DDP re-executes ``sys.argv`` for the other ranks (a study driver in DDP mode would start more drivers).
+    No pruning across the process boundary."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides, f"+result_file={out}"],
-                              cwd=os.getcwd(), capture_output=True, text=True)
+        where = ["--config-dir", str(config_dir)] if config_dir else []
+        proc = subprocess.run([sys.executable, "-m", "optstudy", "train", *where, *overrides, f"+result_file={out}"],
+                              cwd=os.getcwd(), capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not out.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            raise OptstudyError(f"train.py exited with {proc.returncode}: {' | '.join(tail)}")
+            raise OptstudyError(f"optstudy train exited with {proc.returncode}: {' | '.join(tail)}")
         result = json.loads(out.read_text())
     return result["value"], result.get("run_id"), sum(result.get("epoch_seconds", []))
 

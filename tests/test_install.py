@@ -1,0 +1,105 @@
+"""optstudy as an installed tool: the wheel carries the configs and the shipped studies, and ``optstudy`` works from
+any directory without the repository.
+
+The wheel is built from a copy of the sources (``pip wheel --no-deps --no-build-isolation``) and installed,
+non-editable, into a fresh venv in ``tmp`` that borrows the test venv's dependencies through a ``.pth`` line (a line
+adds a directory to ``sys.path`` without running that directory's own ``.pth`` files, so the editable install's
+finder stays out). Every command runs from a directory outside the repository.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+import optstudy
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ("pyproject.toml", "setup.py", "README.md", "src", "conf", "studies")  # what the wheel is built from
+
+pytestmark = pytest.mark.slow  # builds, installs and trains: about a minute
+
+
+def run(*args, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI", "OPTSTUDY_STORAGE")}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{cwd / 'mlflow.db'}"
+    proc = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert not check or proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """The bin directory of a fresh venv holding optstudy installed from its wheel (not editable)."""
+    tmp = tmp_path_factory.mktemp("install")
+    source = tmp / "source"  # a copy: building in the repository would leave build/ there
+    source.mkdir()
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(ROOT / name, source / name)
+    run(sys.executable, "-m", "pip", "wheel", source, "--no-deps", "--no-build-isolation", "-w", tmp / "wheels",
+        cwd=tmp)
+    [wheel] = (tmp / "wheels").glob("optstudy-*.whl")
+    venv = tmp / "venv"
+    run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp)
+    python = venv / "bin" / "python"
+    site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp).stdout.strip())
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}  # the test venv's dependencies
+    (site / "deps.pth").write_text("\n".join(sorted(ours)) + "\n")
+    # --ignore-installed: the test venv's editable optstudy is on the path too; it is not this venv's to uninstall
+    run(python, "-m", "pip", "install", "--no-deps", "--ignore-installed", wheel, cwd=tmp)
+    return venv / "bin"
+
+
+@pytest.fixture
+def elsewhere(tmp_path) -> Path:
+    """A working directory outside the repository."""
+    assert not tmp_path.is_relative_to(ROOT)
+    return tmp_path
+
+
+def test_the_installed_package_is_the_wheel_not_the_repository(installed, elsewhere):
+    where = run(installed / "python", "-c", "import optstudy, importlib.resources as r; print(optstudy.__file__); "
+                "print(r.files('optstudy._conf')); print(r.files('optstudy._studies'))", cwd=elsewhere).stdout
+    package, conf, studies = map(Path, where.split())
+    for path in (package, conf, studies):
+        assert path.is_relative_to(installed.parent) and not path.is_relative_to(ROOT), path
+    assert (conf / "train.yaml").is_file() and (conf / "model" / "mlp.yaml").is_file()
+    assert (studies / "lr_sensitivity.yaml").is_file()
+
+
+def test_version(installed, elsewhere):
+    assert run(installed / "optstudy", "--version", cwd=elsewhere).stdout.strip() == f"optstudy {optstudy.__version__}"
+    wheel = run(installed / "python", "-c", "import importlib.metadata as m; print(m.version('optstudy'))",
+                cwd=elsewhere)
+    assert wheel.stdout.strip() == optstudy.__version__  # pyproject's version is the package's
+
+
+def test_train_from_any_directory(installed, elsewhere):
+    proc = run(installed / "optstudy", "train", "logger=none", "trainer.max_epochs=1", cwd=elsewhere)
+    assert "epoch 1/1" in proc.stdout and "val_loss = " in proc.stdout
+    assert list((elsewhere / "outputs").glob("*/*/.hydra/config.yaml"))  # Hydra's run directory, here
+    refused = run(installed / "optstudy", "train", "model=mlpp", cwd=elsewhere, check=False)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: model=mlpp: no such model")
+
+
+def test_a_shipped_study_by_name_then_its_report(installed, elsewhere):
+    journal = elsewhere / "optuna.journal"
+    proc = run(installed / "optstudy", "study", "run", "lr_sensitivity", "--n-trials", "2", "trainer.max_epochs=1",
+               "--storage", journal, cwd=elsewhere)
+    assert "worker done: 2 trial(s) here; 120 trials (2 complete, 118 waiting)" in proc.stdout  # the grid, queued
+    report = run(installed / "optstudy", "study", "report", "lr_sensitivity", "--storage", journal, "--out",
+                 elsewhere / "report", cwd=elsewhere)
+    assert "report: " in report.stdout and (elsewhere / "report" / "index.html").is_file()
+    unknown = run(installed / "optstudy", "study", "run", "lr_sensitivty", "--storage", journal, cwd=elsewhere,
+                  check=False)
+    assert unknown.returncode == 2 and "lr_sensitivity" in unknown.stderr and "bounds" in unknown.stderr
