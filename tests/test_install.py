@@ -103,3 +103,24 @@ def test_a_shipped_study_by_name_then_its_report(installed, elsewhere):
     unknown = run(installed / "optstudy", "study", "run", "lr_sensitivty", "--storage", journal, cwd=elsewhere,
                   check=False)
     assert unknown.returncode == 2 and "lr_sensitivity" in unknown.stderr and "bounds" in unknown.stderr
+
+
+def test_a_users_project_with_its_own_model_data_configs_and_lightning_code(installed, elsewhere):
+    """README "Your own model": a project outside the repository (examples/lightning_project copied there: its own
+    nn.Module and data loading in mymodel.py, conf/model/mymodel.yaml and conf/data/mydigits.yaml by _target_,
+    studies/mine.yaml) trains, runs a 4-trial study with its report, and runs its own Lightning script, all with the
+    installed wheel."""
+    project = elsewhere / "project"
+    shutil.copytree(ROOT / "examples" / "lightning_project", project,
+                    ignore=shutil.ignore_patterns("__pycache__", "mlflow.db", "mlartifacts", "*.journal"))
+    proc = run(installed / "optstudy", "train", "--config-dir", "conf", "model=mymodel", "data=mydigits",
+               "trainer.max_epochs=1", cwd=project)
+    assert "val_loss = " in proc.stdout
+    proc = run(installed / "optstudy", "study", "run", "studies/mine.yaml", "--config-dir", "conf", cwd=project)
+    assert "4 trials (4 complete)" in proc.stdout
+    run(installed / "optstudy", "study", "report", "mymodel_lr", "--out", "report", cwd=project)
+    assert (project / "report" / "index.html").is_file()
+    table = (project / "report" / "lr_sensitivity.csv").read_text()
+    assert "adam" in table and "adabound" in table
+    proc = run(installed / "python", "train.py", "--epochs", "1", "--every", "5", cwd=project)  # the library
+    assert proc.stdout.startswith("MLflow run ") and "val_loss = " in proc.stdout

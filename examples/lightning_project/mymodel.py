@@ -17,6 +17,17 @@ from torch.utils.data import DataLoader, TensorDataset
 from optstudy import optim
 
 
+def digits(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """1797 digits as 64 features in [0, 1], split 80/20 by a shuffle drawn from ``seed``: (train, val) Datasets
+    (a data config's ``_target_: mymodel.digits`` trains optstudy's runs on them)."""
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32) / 16  # pixel intensities are 0..16
+    y = torch.tensor(y)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    cut = int(0.8 * len(y))
+    return TensorDataset(x[order[:cut]], y[order[:cut]]), TensorDataset(x[order[cut:]], y[order[cut:]])
+
+
 class DigitsData(pl.LightningDataModule):
     """1797 digits as 64 features in [0, 1]; a fixed shuffle splits them 80/20 into training and validation."""
 
@@ -25,13 +36,7 @@ class DigitsData(pl.LightningDataModule):
         self.batch_size, self.seed = batch_size, seed
 
     def setup(self, stage: str | None = None):
-        x, y = load_digits(return_X_y=True)
-        x = torch.tensor(x, dtype=torch.float32) / 16  # pixel intensities are 0..16
-        y = torch.tensor(y)
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
-        cut = int(0.8 * len(y))
-        self.train_set = TensorDataset(x[order[:cut]], y[order[:cut]])
-        self.val_set = TensorDataset(x[order[cut:]], y[order[cut:]])
+        self.train_set, self.val_set = digits(self.seed)
 
     def train_dataloader(self):
         return DataLoader(self.train_set, self.batch_size, shuffle=True)
@@ -41,10 +46,11 @@ class DigitsData(pl.LightningDataModule):
 
 
 class MLP(nn.Sequential):
-    """The network alone, 64 -> ``hidden`` -> 10 logits (a config's ``_target_: mymodel.MLP`` builds just this)."""
+    """The network alone, 64 -> ``hidden`` -> ``n_classes`` logits (a model config's ``_target_: mymodel.MLP``
+    builds just this)."""
 
-    def __init__(self, hidden: int = 64):
-        super().__init__(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    def __init__(self, hidden: int = 64, n_classes: int = 10):
+        super().__init__(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
 
 
 class Net(pl.LightningModule):
