@@ -49,7 +49,7 @@ def run(args) -> dict:
     _study_run(study_file, workdir, args.workers)
     invocation = time.perf_counter() - start
     seeds = _seed_values(spec["name"], workdir)
-    curves = _curves(seeds)
+    curves = _curves(seeds, list(spec["optimizers"]))
     wall = _wall_seconds(spec["name"], workdir)
     data = {"study_file": str(shown(STUDY)), "quick": bool(args.quick), "workers": args.workers,
             "population": spec.get("population"), "runs": len(seeds["value"]),
@@ -133,10 +133,10 @@ def _seed_values(name: str, workdir: Path) -> dict:
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-def _curves(seeds: dict) -> dict:
+def _curves(seeds: dict, order: list[str]) -> dict:
     """Per optimizer, per lr: median, quartiles, min and max over the seeds that finished, and how many diverged."""
     curves = {}
-    for name in dict.fromkeys(seeds["optimizer"]):
+    for name in [n for n in order if n in set(seeds["optimizer"])]:  # the study file's order
         mine = seeds["optimizer"] == name
         lrs = np.unique(seeds["lr"][mine])
         rows = []
