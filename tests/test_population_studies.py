@@ -245,3 +245,26 @@ def test_postgres_a_killed_population_is_retried_by_heartbeat(tmp_path, mlflow_u
 
 def _exists(name, storage) -> bool:
     return name in optuna.get_all_study_names(open_storage(storage)[0])
+
+
+def test_postgres_a_trial_whose_worker_died_right_after_asking_is_retried(tmp_path, mlflow_uri, postgres_url):
+    """A worker killed between Optuna's ask and its first write leaves a RUNNING trial that never beat and names no
+    worker: the heartbeat check skips it, so it counts as stale once it is older than two heartbeats (10 s at
+    least); the last worker retries it instead of leaving it RUNNING (or waiting on it for ever)."""
+    import os
+    import time
+
+    from tests.test_studies import finish, worker
+
+    name = f"pgask{os.getpid()}{int(time.time())}"
+    path = study_file(tmp_path, name, seeds=[0], sampler={"name": "grid"}, overrides=["trainer.max_epochs=1"],
+                      optimizers={"adam": {"lr": [1e-3, 1e-2]}})
+    finish(worker(path, postgres_url, "--heartbeat", "1", "--n-trials", "1"))
+    study = optuna.load_study(study_name=name, storage=open_storage(postgres_url)[0])
+    orphan = study.ask()  # the second grid point, as a worker killed right after asking leaves it
+    time.sleep(10)
+    finish(worker(path, postgres_url, "--heartbeat", "1", "--population", "2"))
+    every = trials(name, postgres_url)
+    assert every[orphan.number].state == TrialState.FAIL
+    assert "died before naming itself" in every[orphan.number].user_attrs["fail_reason"]
+    assert sorted(t.params["lr"] for t in every if t.state == TrialState.COMPLETE) == [1e-3, 1e-2]

@@ -118,6 +118,8 @@ def _ask(worker, k: int, suggest) -> list:
     for _ in range(min(k, worker._budget_left())):
         trial = worker.study.ask()
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        if hasattr(worker.storage, "record_heartbeat"):  # now: killed before its population beats, it goes stale
+            worker.storage.record_heartbeat(trial._trial_id)
         if grid and "fixed_params" not in worker._system_attrs(trial):
             # another worker took the last grid points between our count and our ask: not a configuration
             trial.set_user_attr("surplus", True)

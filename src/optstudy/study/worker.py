@@ -9,6 +9,7 @@ the next worker on the same host, which sees that the trial's process is gone.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -244,6 +245,7 @@ class Worker:
                 print("waiting for other workers' running trials (retried here if their worker died)", flush=True)
                 said = True
             time.sleep(self.storage.get_heartbeat_interval())
+            retry_dead_trials(self.study, self.storage)  # those that never beat: the heartbeat check skips them
             optuna.storages.fail_stale_trials(self.study)
             if self._budget_left():
                 return True
@@ -375,19 +377,27 @@ def train_in_subprocess(overrides: list[str], config_dir: str | None = None) -> 
 
 
 def retry_dead_trials(study: optuna.Study, storage) -> None:
-    """Journal files have no heartbeats: fail the RUNNING trials whose worker process on this host is gone and
-    enqueue their params again (database storages do this through Optuna's heartbeats)."""
-    if hasattr(storage, "record_heartbeat"):
-        return
+    """Fail the RUNNING trials whose worker process on this host is gone, and those that never got as far as naming
+    their worker (killed between Optuna's ask and the next write; a database's heartbeats never see them either),
+    and enqueue their params again. Database storages also retry through Optuna's heartbeats (other hosts)."""
     host = socket.gethostname()
+    beat = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+    unnamed_after = max(2 * beat, 10) if beat else 60  # seconds: a live worker names itself within milliseconds
+    now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker") or {}
-        if worker.get("host") != host or _alive(worker.get("pid")):
+        worker = t.user_attrs.get("worker")
+        if worker is None:
+            if t.datetime_start is None or (now - t.datetime_start).total_seconds() < unnamed_after:
+                continue
+            reason = "its worker died before naming itself"
+        elif worker.get("host") != host or _alive(worker.get("pid")):
             continue
+        else:
+            reason = f"worker process {worker.get('pid')} died"
         study_id = storage.get_study_id_from_name(study.study_name)
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
         try:  # attrs first: a finished trial takes no more writes
-            storage.set_trial_user_attr(trial_id, "fail_reason", f"worker process {worker.get('pid')} died")
+            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
             failed = storage.set_trial_state_values(trial_id, TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             failed = False  # another worker of this host got there first
@@ -397,7 +407,9 @@ def retry_dead_trials(study: optuna.Study, storage) -> None:
 
 def requeue(study: optuna.Study, trial) -> None:
     """The trial's params again, as a new WAITING trial that names the one it replaces (the budget skips that one)."""
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    params = trial.params or trial.system_attrs.get("fixed_params")  # a grid point killed before it suggested
+    if params:
+        study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
 
 
 def _alive(pid) -> bool:
