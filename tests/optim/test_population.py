@@ -290,11 +290,14 @@ def test_kept_members_go_on_exactly_after_the_others_are_dropped(name, impl):
     scheduler = sched(opt)
     run(opt, params, pop_loss, steps=STEPS // 2, scheduler=scheduler)
     keep = [0, 2]
+    before = o.lr_histogram(opt)
     for p in params:
         p.grad = None
         torch.utils.swap_tensors(p, p.detach()[keep].clone().requires_grad_())
     opt.keep_members(keep, schedulers=[scheduler])
     assert opt.members == 2 and len(opt.param_groups[0]["lr"]) == 2
+    after = o.lr_histogram(opt)  # from the last step's scalars, cut too (before the next step)
+    assert all(torch.equal(after[i].counts, before[k].counts) for i, k in enumerate(keep))
     kept_loss = lambda ps, t: sum(loss_at([p[i] for p in ps], t) for i in range(len(keep)))  # noqa: E731
     last = run(opt, params, kept_loss, steps=STEPS - STEPS // 2, start=STEPS // 2, scheduler=scheduler)[-1]
     for i, (x, y) in enumerate(zip(last, reference, strict=True)):

@@ -141,6 +141,9 @@ class CoreOptimizer(torch.optim.Optimizer):
             for name in ("base_lrs", "_last_lr"):
                 if isinstance(getattr(sched, name, None), list):
                     setattr(sched, name, [_members.selected(v, keep) for v in getattr(sched, name)])
+        cut = {}  # the last step's scalars (lr_histogram and effective_lrs read them): each dict once
+        self._last = [(group, [(p, cut.setdefault(id(s), {k: _members.selected(v, keep, old) for k, v in s.items()}))
+                               for p, s in pairs]) for group, pairs in self._last]
         self.members = len(keep)
         self._aliases.clear()  # the compiled path's flat aliases were of the old tensors
         self.__dict__.pop("_view_cache", None)

@@ -201,14 +201,17 @@ def shaped(s: dict, like: torch.Tensor, cache: dict | None = None) -> dict:
     return out
 
 
-def selected(value, keep: np.ndarray):
-    """``value`` (a group's, a scheduler's) for members ``keep`` only: arrays indexed, tuples and dicts within."""
+def selected(value, keep: np.ndarray, old: int | None = None):
+    """``value`` (a group's, a scheduler's, a step's scalars) for members ``keep`` only: arrays indexed, tuples and
+    dicts within; with ``old`` (the population's size before), tensors of ``old`` rows too."""
     if isinstance(value, np.ndarray):
-        return value[keep].copy()
+        return value[keep].copy() if value.ndim else value
+    if isinstance(value, torch.Tensor) and old is not None and value.dim() and value.shape[0] == old:
+        return value.index_select(0, torch.as_tensor(keep, device=value.device))
     if isinstance(value, tuple):
-        return tuple(selected(v, keep) for v in value)
+        return tuple(selected(v, keep, old) for v in value)
     if isinstance(value, dict):
-        return {k: selected(v, keep) for k, v in value.items()}
+        return {k: selected(v, keep, old) for k, v in value.items()}
     return value
 
 
