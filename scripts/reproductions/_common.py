@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import math
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,6 +34,13 @@ def compose(*overrides: str, logger: str = "none"):
     scratch = [] if any(o.startswith("checkpoint.dir=") for o in overrides) else [f"checkpoint.dir={SCRATCH}"]
     return compose_config(["checkpoint.enabled=false", f"logger={logger}", "trainer.enable_progress_bar=false",
                            *scratch, *overrides])
+
+
+def optstudy_command() -> list[str]:
+    """The ``optstudy`` command of this interpreter's environment (``python -m optstudy.cli`` where none is on disk),
+    for the items that run studies in worker processes."""
+    exe = Path(sys.executable).with_name("optstudy")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "optstudy.cli"]
 
 
 def train(cfg, callbacks=()):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from importlib import resources
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import COLORS, SCRATCH, figure, save, shown, table, write_json
+from ._common import COLORS, SCRATCH, figure, optstudy_command, save, shown, table, write_json
 
 STUDY = Path(str(resources.files("optstudy._studies") / "deepobs_protocol.yaml"))  # the repository's studies/
 CHANCE = float(np.log(10))  # MNIST-1D's ten classes
@@ -80,13 +79,8 @@ def _env(workdir: Path) -> dict:
     return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
 
 
-def _cli() -> list[str]:
-    exe = Path(sys.executable).with_name("optstudy")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "optstudy.cli"]
-
-
 def _study_run(study_file: Path, workdir: Path, workers: int, *extra: str) -> None:
-    command = [*_cli(), "study", "run", str(study_file), "--storage", str(workdir / "optuna.journal"), *extra]
+    command = [*optstudy_command(), "study", "run", str(study_file), "--storage", str(workdir / "optuna.journal"), *extra]
     procs = [subprocess.Popen(command, cwd=workdir, env=_env(workdir), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(workers)]
     for proc in procs:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from importlib import resources
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import COLORS, ROOT, figure, save, table, write_json
+from ._common import COLORS, ROOT, figure, optstudy_command, save, table, write_json
 
 SHIPPED = resources.files("optstudy._studies")  # the repository's studies/
 STUDIES = {"mnist1d": Path(str(SHIPPED / "reproduce_sensitivity.yaml")),
@@ -72,7 +71,7 @@ def _study(study_file: Path, args):
             study_file = _shrunk(spec, tmp / study_file.name)
         storage = tmp / "optuna.journal"
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
-        command = [*_cli(), "study", "run", str(study_file), "--storage", str(storage)]
+        command = [*optstudy_command(), "study", "run", str(study_file), "--storage", str(storage)]
         start = time.perf_counter()
         workers = [subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True) for _ in range(args.workers)]
@@ -104,11 +103,6 @@ def _shrunk(spec: dict, path: Path) -> Path:
                 space[key] = space[key][:2]
     path.write_text(yaml.safe_dump(spec))
     return path
-
-
-def _cli() -> list[str]:
-    exe = Path(sys.executable).with_name("optstudy")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "optstudy.cli"]
 
 
 def _numbers(robust, configs, trials) -> dict:
