@@ -8,7 +8,12 @@
     python scripts/reproduce.py bias             # 5. Adam with and without bias correction (Adam's Sec. 6.4)
     python scripts/reproduce.py configs          # 6. the GPU-scale experiment files and what they report
     python scripts/reproduce.py deepobs          # 7. DeepOBS's lr protocol, 12 optimizers x 36 lrs x 10 seeds
-    python scripts/reproduce.py all              # all seven, in that order (deepobs alone takes 1-2 hours)
+    python scripts/reproduce.py curriculum       # 10. curriculum vs shuffled order (Bengio et al. 2009), data.order
+    python scripts/reproduce.py early_stopping   # 11. epochs saved by early stopping at equal final quality
+    python scripts/reproduce.py staleness        # 12. tolerance to stale gradients (McMahan & Streeter 2014)
+    python scripts/reproduce.py gradnoise        # 8. gradient noise and a deep, badly initialised MLP (Neelakantan et al.)
+    python scripts/reproduce.py batchnorm        # 9. batch norm and the range of good lrs per optimizer (Ioffe & Szegedy)
+    python scripts/reproduce.py all              # every item, in that order (deepobs alone takes 1-2 hours)
 
 Each prints its numbers and writes them, with its figures, into ``--out`` (default ``docs/figures/``): ``<item>.json``
 plus PNGs (and GIFs, CSVs). ``--quick`` shrinks every item to seconds (the tests run it); the numbers in the document

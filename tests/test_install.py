@@ -21,7 +21,7 @@ import pytest
 import optstudy
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "setup.py", "README.md", "src", "conf", "studies")  # what the wheel is built from
+SOURCES = ("pyproject.toml", "setup.py", "README.md", "src", "conf", "studies", "dashboards")  # the wheel's sources
 
 pytestmark = pytest.mark.slow  # builds, installs and trains: about a minute
 
@@ -124,3 +124,36 @@ def test_a_users_project_with_its_own_model_data_configs_and_lightning_code(inst
     assert "adam" in table and "adabound" in table
     proc = run(installed / "python", "train.py", "--epochs", "1", "--every", "5", cwd=project)  # the library
     assert proc.stdout.startswith("MLflow run ") and "val_loss = " in proc.stdout
+
+
+def test_the_dashboard_is_served_from_the_installed_package(installed, elsewhere):
+    """dashboards/ is installed as optstudy.dashboards, its page and scripts with it: `optstudy dashboard` answers."""
+    import socket
+    import time
+    import urllib.request
+
+    where = run(installed / "python", "-c", "import optstudy.dashboards.app as a; print(a.__file__); print(a.STATIC)",
+                cwd=elsewhere).stdout.split()
+    assert all(Path(w).is_relative_to(installed.parent) for w in where), where
+    assert {p.name for p in Path(where[1]).iterdir()} >= {"index.html", "study.html", "dashboard.js", "style.css"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OPTSTUDY_STORAGE")}
+    proc = subprocess.Popen([installed / "optstudy", "dashboard", "--storage", elsewhere / "optuna.journal", "--port",
+                             str(port)], cwd=elsewhere, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10) as r:
+                    assert r.read() and r.status == 200
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
+                time.sleep(0.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/dashboard.js", timeout=10) as r:
+            assert r.read() == (ROOT / "dashboards" / "static" / "dashboard.js").read_bytes()
+    finally:
+        proc.terminate()
+        proc.wait(30)

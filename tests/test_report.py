@@ -41,7 +41,8 @@ DISTS = {"optimizer": CategoricalDistribution(OPTIMIZERS), "lr": FloatDistributi
 HEADINGS = ["1. Study", "2. Objective against each hyperparameter", "3. Learning-rate sensitivity, all optimizers",
             "4. Robustness", "5. Hyperparameter importances", "6. Learning curves of the best configurations",
             "7. Effective learning rates of the best runs"]
-IMAGES = 2 + 1 + 1 + 1 + 2 + 1  # per optimizer; lr axis; importances; curves; two heatmaps; final distributions
+IMAGES = 2 + 1 + 1 + 1 + 1 + 2 + 1  # per optimizer; momentum's lr x momentum; lr axis; importances; curves;
+# two heatmaps; final distributions (no bound schedules: adabound completed nothing)
 
 
 def run_seed(optimizer: str, params: dict, seed: int, tmp: Path):

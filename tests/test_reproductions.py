@@ -99,6 +99,24 @@ def test_bias(reproduce, tmp_path):
     assert (tmp_path / "bias.png").stat().st_size > 10_000
 
 
+def test_batchnorm(reproduce, tmp_path):
+    data = run(reproduce, tmp_path, "batchnorm")
+    # one epoch of SGD at lr 0.01 and 1: the BN MLP is ahead of the plain one at both (0.25 vs 0.11, 0.81 vs 0.45)
+    for row in data["summary"]:
+        assert row["acc_bn"] > row["acc_plain"] + 0.1, row
+    assert (tmp_path / "batchnorm_lr.png").stat().st_size > 10_000
+
+
+def test_gradnoise(reproduce, tmp_path):
+    data = run(reproduce, tmp_path, "gradnoise")
+    runs = {r["eta"]: r for r in data["runs"]}  # adam, zero init, lr 1e-3, one seed, eta 0 and 1
+    # all-zero weights: without noise no hidden weight gets a gradient, the net stays a constant prediction
+    assert runs[0.0]["val_acc"][-1] < 0.15
+    # the noise broke the symmetry: the predictions are no longer one constant class (the JSON's losses are rounded)
+    assert runs[1.0]["val_acc"] != runs[0.0]["val_acc"]
+    assert (tmp_path / "gradnoise_deep_mlp.png").stat().st_size > 10_000
+
+
 def test_deepobs(reproduce, tmp_path):
     """Two optimizers x four lrs x two seeds as populations, plus a one-at-a-time sample: every seed's run is read
     back from MLflow, and Adam at lr 2.51 diverges for every seed (marked, not averaged)."""

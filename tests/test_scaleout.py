@@ -44,8 +44,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 SLURM = ROOT / "studies" / "slurm_workers.sh"
 INIT_DIR = ROOT / "docker" / "postgres"
 BIN = Path(sys.executable).parent  # the console scripts of the environment running the tests
-IMAGE_SERVICES = ("mlflow", "optuna-schema", "optuna-dashboard", "worker", "worker-gpu")
-CORE_SERVICES = ("postgres", "mlflow", "optuna-dashboard", "worker")
+IMAGE_SERVICES = ("mlflow", "optuna-schema", "optuna-dashboard", "dashboard", "worker", "worker-gpu")
+CORE_SERVICES = ("postgres", "mlflow", "optuna-dashboard", "dashboard", "worker")
 MLFLOW_DB_ENV = "OPTSTUDY_TEST_POSTGRES_MLFLOW_URL"  # set by .ci/run: the `mlflow` database of its server
 
 
@@ -135,7 +135,7 @@ def console_scripts() -> set[str]:
 def test_services_healthchecks_and_images():
     services = compose()["services"]
     assert set(CORE_SERVICES) <= set(services)
-    for name in ("postgres", "mlflow", "optuna-dashboard"):
+    for name in ("postgres", "mlflow", "optuna-dashboard", "dashboard"):
         check = services[name].get("healthcheck")
         assert check and check["test"] and not check.get("disable"), f"{name} has no health check"
     assert re.fullmatch(r"postgres:1[56](\.\d+)?([.-].*)?", services["postgres"]["image"])
@@ -178,7 +178,7 @@ def test_published_ports_bind_to_localhost(env):
             parts = interpolate(port, values).split(":")
             assert len(parts) == 3 and parts[0] == "127.0.0.1", f"{name} publishes {port} beyond this machine"
             published += 1
-    assert published == 3  # postgres, mlflow, optuna-dashboard
+    assert published == 4  # postgres, mlflow, optuna-dashboard, optstudy's dashboard
 
 
 def test_worker_scales():
@@ -241,6 +241,23 @@ def test_schema_and_dashboard_commands_use_the_optuna_database():
     for flag in (a for a in dashboard if a.startswith("--")):
         assert flag in help_text, f"optuna-dashboard has no {flag}"
     assert dashboard[dashboard.index("--port") + 1] == "8080" and dashboard[dashboard.index("--host") + 1] == "0.0.0.0"
+
+
+def test_optstudy_dashboard_command_is_a_real_cli_invocation():
+    """The `dashboard` service: `optstudy dashboard` as argparse reads it, on the optuna database and the MLflow
+    server, listening where its published port and health check look, linking to the UIs' published ports."""
+    services = compose()["services"]
+    args = argv("dashboard")
+    assert args[:2] == ["optstudy", "dashboard"]
+    parsed = cli_parser().parse_args(args[1:])  # no unknown flag: argparse exits otherwise
+    url = make_url(parsed.storage)
+    assert (url.drivername, url.host, url.database, url.password) == ("postgresql+psycopg", "postgres", "optuna", None)
+    assert parsed.tracking_uri == services["worker"]["environment"]["MLFLOW_TRACKING_URI"]
+    assert parsed.host == "0.0.0.0" and parsed.port == 8050
+    assert services["dashboard"]["ports"][0].endswith(f":{parsed.port}")
+    assert f"127.0.0.1:{parsed.port}/api/studies" in " ".join(services["dashboard"]["healthcheck"]["test"])
+    assert parsed.mlflow_url == "http://127.0.0.1:5000" and parsed.optuna_dashboard_url == "http://127.0.0.1:8080"
+    assert services["dashboard"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
 
 
 def test_mlflow_command_is_accepted_by_mlflow_server():
@@ -625,6 +642,20 @@ def test_the_stack_runs_natively(tmp_path, postgres_url, postgres_db_url):
                                       dash_log))
         assert len(detail["trials"]) == len(trials)
         assert urllib.request.urlopen(f"http://127.0.0.1:{dash_port}/", timeout=10).status == 200  # the UI
+
+        # optstudy's dashboard, from the compose command: the study with its trials, its views read through MLflow
+        live_port = free_port()
+        live_args = swap_database(argv("dashboard"), "optuna", storage)
+        live_args = swap(swap(swap(live_args, "--host", "127.0.0.1"), "--port", str(live_port)), "--tracking-uri",
+                         tracking)
+        live_proc, live_log = start([str(BIN / "optstudy"), *live_args[1:]], "optstudy-dashboard")
+        listed = json.loads(wait_http(f"http://127.0.0.1:{live_port}/api/studies", live_proc, live_log, 180))
+        mine = next(s for s in listed["studies"] if s["name"] == name)
+        assert mine["states"]["COMPLETE"] == n_trials and mine["trials"] == len(trials)
+        state = json.loads(wait_http(f"http://127.0.0.1:{live_port}/api/study/{name}", live_proc, live_log))
+        curves = next(v for v in state["views"] if v["id"] == "curves")
+        png = wait_http(f"http://127.0.0.1:{live_port}{curves['url']}", live_proc, live_log)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000  # drawn from the server's metrics
     finally:
         for proc in reversed(procs):
             stop(proc)

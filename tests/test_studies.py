@@ -334,3 +334,27 @@ def test_a_changed_study_file_is_refused(tmp_path, capsys):
     study_file(tmp_path, n_trials=1, seeds=[0, 1])
     assert cli(["study", "run", str(path), "--storage", storage, "logger=none"]) == 2
     assert "this study file differs" in capsys.readouterr().err
+
+
+def test_a_study_started_before_a_key_existed_goes_on_with_the_key_at_its_default(tmp_path, capsys):
+    """Every new config key (data.order, trainer.delay, ...) joined the recorded identity of new studies, and a
+    worker of the upgraded optstudy refused every study started before it: "(unset)" never equals the default."""
+    import optuna
+
+    from optstudy.study.storage import open_storage
+
+    path, storage = study_file(tmp_path, n_trials=2), str(tmp_path / "j.journal")
+    assert cli(["study", "run", str(path), "--storage", storage, "trainer.max_epochs=1", "logger=none",
+                "--n-trials", "1"]) == 0
+    study = optuna.load_study(study_name="s", storage=open_storage(storage)[0])
+    old = {k: v for k, v in study.user_attrs["identity"].items() if k not in ("data.order", "trainer.delay")}
+    study.set_user_attr("identity", old)  # as an older optstudy recorded it
+    capsys.readouterr()
+    # the new key set otherwise shapes trials differently: refused, named
+    assert cli(["study", "run", str(path), "--storage", storage, "trainer.max_epochs=1", "logger=none",
+                "data.order=fixed", "--n-trials", "1"]) == 2
+    assert "data.order: study (unset), this worker fixed" in capsys.readouterr().err
+    # at its default: the study goes on
+    assert cli(["study", "run", str(path), "--storage", storage, "trainer.max_epochs=1", "logger=none",
+                "--n-trials", "1"]) == 0
+    assert len(trials("s", storage)) == 2  # it joined and ran the second trial

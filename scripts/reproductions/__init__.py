@@ -10,4 +10,5 @@ Each module names in its docstring the config it runs (experiment or study files
 ``_common`` holds what several items share (composing and running a config, the JSON, tables, figures).
 """
 
-ITEMS = ("counterexample", "surfaces", "sensitivity", "efflr", "bias", "configs", "deepobs")
+ITEMS = ("counterexample", "surfaces", "sensitivity", "efflr", "bias", "configs", "deepobs", "curriculum",
+         "early_stopping", "staleness", "gradnoise", "batchnorm")

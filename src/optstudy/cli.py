@@ -4,6 +4,7 @@
     optstudy study run STUDY [--config-dir DIR] [--storage URL] [--n-trials N] [OVERRIDE ...]
     optstudy study status NAME [--storage URL]
     optstudy study report NAME [--storage URL] [--out DIR]
+    optstudy dashboard [--storage URL] [--tracking-uri URI] [--host 127.0.0.1] [--port 8050]
 
 STUDY: a study file, or the name of a shipped one (``lr_sensitivity``). ``--config-dir DIR``: the user's config groups
 beside ours (``DIR/model/mynet.yaml`` is ``model=mynet``). Storage URLs: see ``optstudy.study.storage`` (default:
@@ -82,6 +83,18 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--storage", **storage)
     report.add_argument("--out", type=Path, help="output directory (default: reports/NAME)")
     report.set_defaults(func=cmd_report)
+
+    dash = groups.add_parser("dashboard", help="the live sensitivity dashboard: every study of a storage, its report's "
+                                               "views updating as trials land (optstudy.dashboards.app)")
+    dash.add_argument("--storage", **storage)
+    dash.add_argument("--tracking-uri", help="MLflow tracking URI to read runs from (default: each study's own)")
+    dash.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    dash.add_argument("--port", type=int, default=8050, help="port (default 8050)")
+    dash.add_argument("--mlflow-url", help="the MLflow UI as your browser reaches it, for links to runs (default: the "
+                                           "tracking URI when it is a server, else http://127.0.0.1:5000)")
+    dash.add_argument("--optuna-dashboard-url", help="optuna-dashboard as your browser reaches it, for links to "
+                                                     "trials (default http://127.0.0.1:8080)")
+    dash.set_defaults(func=cmd_dashboard)
     return p
 
 
@@ -145,6 +158,17 @@ def cmd_report(args) -> int:
     if attrs.get("mlflow_parent_run_id"):
         log_report(attrs["tracking_uri"], attrs["mlflow_parent_run_id"], out)
     print(f"report: {page.resolve()} (also in MLflow run {attrs.get('mlflow_parent_run_id')}, under report/)")
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from optstudy.errors import ConfigError
+
+    if not 0 < args.port < 65536:  # checked before the imports and the storage: a typo answers at once
+        raise ConfigError(f"--port: must be an integer in 1..65535, got {args.port}")
+    from optstudy.dashboards.app import serve
+
+    serve(args.storage, args.tracking_uri, args.host, args.port, args.mlflow_url, args.optuna_dashboard_url)
     return 0
 
 

@@ -177,6 +177,10 @@ def optimizer_kwargs(cfg: DictConfig | dict, notes: bool = True) -> dict:
             print(f"note: optimizer {name} has no {key}; ignoring optimizer.{key}={value}", flush=True)
     if isinstance(hp.get("betas"), list):
         hp["betas"] = tuple(hp["betas"])
+    if "grad_noise" in hp:  # gradient noise (optim._noise), seeded with the run's seed unless it names its own
+        from optstudy.optim import _noise
+
+        hp["grad_noise"] = _noise.from_config(hp["grad_noise"], cfg["seed"])
     if "bound" in optim.defaults(name) and "bound" in cfg:
         hp.setdefault("bound", _plain(cfg["bound"]))
     return {"name": name, **hp}
@@ -201,8 +205,17 @@ def validate(cfg: DictConfig, overrides: list[str] = ()) -> None:
 
     _integer(cfg, "seed", 0, 2**32 - 1)  # numpy's seed range, which Lightning seeds too
     _integer(cfg, "data.batch_size", 1)
+    from optstudy.data import _order
+
+    _order.check(cfg.data)  # data.order and data.curriculum.* (the scores come once the data is loaded)
     if OmegaConf.select(cfg, "trainer.max_epochs") is not None:
         _integer(cfg, "trainer.max_epochs", 0)
+    from optstudy import delay
+
+    delay.check(cfg)  # trainer.delay: an integer >= 0 or a distribution's parameters
+    from optstudy import early
+
+    early.settings(cfg)  # trainer.early_stopping's values (its monitor is checked once the task's metrics are known)
     if OmegaConf.select(cfg, "logger.eff_lr_every_n_steps") is not None:
         _integer(cfg, "logger.eff_lr_every_n_steps", 1)
     draw = OmegaConf.select(cfg, "logger.eff_lr_heatmap")
@@ -225,6 +238,9 @@ def validate(cfg: DictConfig, overrides: list[str] = ()) -> None:
     from optstudy.models import check_targets
 
     check_targets(cfg)  # a model's or data's _target_ imports, its keys are valid (the data is not loaded yet)
+    from optstudy import parallel
+
+    parallel.check(cfg)  # trainer=hogwild|downpour|easgd: their values, and what they cannot do (populations)
     from optstudy.population import members
 
     if members.active(cfg):

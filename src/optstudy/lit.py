@@ -21,8 +21,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Sampler
 
 import optstudy.optim as optim
-from optstudy import models
+from optstudy import delay, models
 from optstudy.config import optimizer_kwargs
+from optstudy.data import _order
 from optstudy.errors import ConfigError, OptstudyError
 
 
@@ -53,10 +54,12 @@ def scheduler(cfg, opt):
 class EpochShuffle(Sampler):
     """A permutation that depends only on (seed, epoch), so a run resumed from a checkpoint sees the same batches
     as one that never stopped; with several ranks, rank r takes every world-th index (padded by wrapping so that
-    every rank steps equally often)."""
+    every rank steps equally often). ``order``: another ``data.order``'s n indices per epoch instead
+    (``optstudy.data._order``: fixed, curriculum, mixed, anti_curriculum; also a function of (seed, epoch) only)."""
 
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True, order=None):
         self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
+        self.order = order  # data.order other than shuffle: an optstudy.data._order.Order, else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this before each epoch
@@ -67,7 +70,9 @@ class EpochShuffle(Sampler):
         return -(-self.n // self.world) * self.world if self.shuffle else self.n
 
     def __iter__(self):
-        if self.shuffle:
+        if self.shuffle and self.order is not None:
+            order = self.order.indices(self.n, self.seed, self.epoch).repeat(2)[: self._size()]
+        elif self.shuffle:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.n, generator=gen).repeat(2)[: self._size()]
         else:
@@ -137,8 +142,10 @@ class Task(pl.LightningModule):
         self.cfg, self.data = cfg, data
         self.model = models.build(cfg.model, data)
         self.task = data.task
+        self.order = _order.build(cfg.data, data)  # data.order: None for shuffle; scores computed before training
         self._val = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
         self.tracking: dict = {}  # the MLflow run, saved in checkpoints so that a resumed run continues it
+        self.delay_line = delay.line(cfg)  # trainer.delay: gradients applied late (None: no delay)
 
     def metric_names(self) -> tuple[str, ...]:
         """The metrics this task logs: the choices of ``objective``."""
@@ -150,7 +157,7 @@ class Task(pl.LightningModule):
     # --- data -----------------------------------------------------------------------------------------------------
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer else (0, 1)
-        sampler = EpochShuffle(len(dataset), self.cfg.seed, rank, world, shuffle)
+        sampler = EpochShuffle(len(dataset), self.cfg.seed, rank, world, shuffle, self.order if shuffle else None)
         return DataLoader(dataset, batch_size=self.cfg.data.batch_size, sampler=sampler,
                           num_workers=self.cfg.data.get("num_workers", 0))
 
@@ -219,8 +226,17 @@ class Task(pl.LightningModule):
                 out[f"bound/g{i}/lower"], out[f"bound/g{i}/upper"] = map(float, opt.bounds(group, t))
         return out
 
-    def optimizer_step(self, *args, **kwargs):
-        super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        if self.delay_line is None:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+            self._project()
+            return
+        self.delay_line.step(optimizer, optimizer_closure, self.global_step, after=self._project)
+        t = self.global_step + 1  # this step's label, as train_loss's
+        if self.logger is not None and t % self.trainer.log_every_n_steps == 0:
+            self.logger.log_metrics(self.delay_line.metrics(), t)
+
+    def _project(self):
         if hasattr(self.model, "project_"):  # e.g. the counterexample's x in [-1, 1]
             with torch.no_grad():
                 self.model.project_()
@@ -253,6 +269,8 @@ class Task(pl.LightningModule):
             self.logger.log_metrics(metrics, self.global_step)
 
     def on_train_end(self):
+        if self.delay_line is not None and self.logger is not None:
+            self.logger.log_metrics(self.delay_line.metrics(final=True), self.global_step)
         # DDP keeps the replicas equal by averaging gradients; check it at the end instead of trusting it: the
         # largest difference of any parameter between ranks, logged by rank 0 (0.0 when they agree)
         if self.trainer.world_size > 1:
@@ -263,6 +281,16 @@ class Task(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["optstudy"] = dict(self.tracking)
+        if self.delay_line is not None:  # the gradients in flight: a resumed run applies them as this one would
+            checkpoint["optstudy_delay"] = self.delay_line.state_dict()
+
+    def on_load_checkpoint(self, checkpoint):
+        saved = checkpoint.get("optstudy_delay")
+        if (saved is None) != (self.delay_line is None):
+            raise ConfigError(f"trainer.delay must be the checkpoint's ({saved['spec'] if saved else 0}) to resume it "
+                              f"exactly, got {self.delay_line.spec.label() if self.delay_line else 0}")
+        if saved is not None:
+            self.delay_line.load_state_dict(saved)
 
     def configure_optimizers(self):
         kwargs = optimizer_kwargs(self.cfg)

@@ -20,7 +20,7 @@ from pytorch_lightning.utilities import rank_zero_only
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from optstudy import data, models
+from optstudy import data, early, models
 from optstudy.config import optimizer_kwargs, validate  # noqa: F401  (re-exported for callers)
 from optstudy.errors import ConfigError
 from optstudy.lit import Diverged, EpochTimer, Task, Trajectory  # noqa: F401  (re-exported for callers)
@@ -28,15 +28,16 @@ from optstudy.lrlog import EffectiveLR
 from optstudy.tracking import MLflowLogger, flatten, git_commit, tracking_uri, ui_command
 
 
-def run_name(cfg: DictConfig) -> str:
-    """``amsbound lr=0.001 final_lr=0.1 hyperbolic seed=0``: the optimizer and the hyperparameters studies vary."""
-    if cfg.logger.get("run_name"):
-        return cfg.logger.run_name
-    opt = cfg.optimizer
-    parts = [opt.name, f"lr={opt.lr:g}"]
+def run_name(cfg: DictConfig | dict) -> str:
+    """``amsbound lr=0.001 final_lr=0.1 hyperbolic seed=0``: the optimizer and the hyperparameters studies vary.
+    A config or its plain dict (a population member's: making a DictConfig of it takes milliseconds)."""
+    if cfg["logger"].get("run_name"):
+        return cfg["logger"]["run_name"]
+    opt = cfg["optimizer"]
+    parts = [opt["name"], f"lr={opt['lr']:g}"]
     if "final_lr" in opt:
-        parts += [f"final_lr={opt.final_lr:g}", cfg.bound.name]
-    return " ".join(parts + [f"seed={cfg.seed}"])
+        parts += [f"final_lr={opt['final_lr']:g}", cfg["bound"]["name"]]
+    return " ".join(parts + [f"seed={cfg['seed']}"])
 
 
 _RUNS = itertools.count()  # several runs of one process in the same second get their own directories
@@ -78,6 +79,8 @@ def make_logger(cfg: DictConfig, resume_run: str | None) -> MLflowLogger | None:
 def trainer_kwargs(cfg: DictConfig) -> dict:
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
     kwargs.pop("threads", None)  # ours (set_threads), not Lightning's
+    kwargs.pop("delay", None)  # ours too: gradients applied late (optstudy.delay)
+    kwargs.pop("early_stopping", None)  # ours too: a callback (optstudy.early), not a Trainer argument
     # a progress bar on a terminal; in job logs and pipes, one line per epoch instead
     kwargs.setdefault("enable_progress_bar", sys.stderr.isatty())
     bad = set(kwargs) - set(inspect.signature(pl.Trainer.__init__).parameters)
@@ -126,7 +129,7 @@ def _resumed_run(cfg: DictConfig) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class Result:
     value: float  # the objective's final value
-    metrics: dict[str, float]  # every metric's last value
+    metrics: dict[str, float]  # every metric's last value, and early_stopping/* when it was on (optstudy.early)
     run_id: str | None  # the MLflow run (None with logger=none)
     tracking_uri: str | None
     output_dir: Path  # config, checkpoints, histograms
@@ -146,6 +149,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Result:
     if active(cfg):
         raise ConfigError("population: train(cfg) trains one model; a config with population.* values is trained by "
                           "optstudy.population.run.train_population(cfg) (python train.py does so)")
+    from optstudy import parallel
+
+    if parallel.active(cfg):  # trainer=hogwild|downpour|easgd: processes of their own, a plain torch loop each
+        return parallel.train(cfg, callbacks)
     validate(cfg)
     _quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -153,12 +160,13 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Result:
     set_threads(cfg, module.model)
     if cfg.objective not in module.metric_names():
         raise ConfigError(f"objective must be one of {', '.join(module.metric_names())}, got {cfg.objective!r}")
+    early.check_monitor(cfg, module.metric_names())
     logger = make_logger(cfg, _resumed_run(cfg))
     out = output_dir(cfg)
     kwargs = trainer_kwargs(cfg)
     recorders = _recorders(cfg, module, logger)
     timer = EpochTimer(print_lines=not kwargs["enable_progress_bar"])
-    callbacks = [*recorders, timer, *(callbacks or [])]
+    callbacks = [*recorders, timer, *early.callbacks(cfg), *(callbacks or [])]
     if cfg.checkpoint.enabled:
         # last.ckpt only: resuming needs the last state, and a "best" copy would double the disk per run
         callbacks.append(pl.callbacks.ModelCheckpoint(out / "checkpoints", save_top_k=0, save_last=True))
@@ -177,6 +185,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Result:
         raise
     _finish(trainer, logger, recorders, cfg, out, None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics.update(early.outcome(trainer))  # early_stopping/* when it was on
     value = metrics[cfg.objective]
     if trainer.is_global_zero:
         in_study = OmegaConf.select(cfg, "tags.optuna") is not None  # its worker prints where the runs are, once

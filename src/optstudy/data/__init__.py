@@ -37,9 +37,9 @@ class Data:
 
 
 def _registry() -> dict[str, Callable[..., Data]]:
-    from optstudy.data import _embedded, _files, _synthetic
+    from optstudy.data import _embedded, _files, _sparse, _synthetic
 
-    return {**_embedded.DATASETS, **_files.DATASETS, **_synthetic.DATASETS}
+    return {**_embedded.DATASETS, **_files.DATASETS, **_synthetic.DATASETS, **_sparse.DATASETS}
 
 
 def names() -> tuple[str, ...]:

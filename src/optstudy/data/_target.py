@@ -36,7 +36,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from optstudy.errors import ConfigError
 
-OURS = ("name", "batch_size", "num_workers", "task", "n_classes", "shape")  # never passed to a target
+# never passed to a target
+OURS = ("name", "batch_size", "num_workers", "task", "n_classes", "shape", "order", "curriculum")
 FILLED = ("task", "n_classes", "shape")  # what the loaded data tells the config
 
 

@@ -21,9 +21,9 @@ from optstudy.errors import ConfigError
 
 def _registry() -> dict[str, tuple[str, Callable[..., nn.Module]]]:
     """name -> (task, factory(data, **params))"""
-    from optstudy.models import _dense, _lm, _synthetic, _vision
+    from optstudy.models import _dense, _lm, _sparse, _synthetic, _vision
 
-    return {**_dense.MODELS, **_vision.MODELS, **_lm.MODELS, **_synthetic.MODELS}
+    return {**_dense.MODELS, **_vision.MODELS, **_lm.MODELS, **_synthetic.MODELS, **_sparse.MODELS}
 
 
 def names() -> tuple[str, ...]:
@@ -33,9 +33,12 @@ def names() -> tuple[str, ...]:
 def check_targets(cfg) -> None:
     """A ``_target_`` in ``cfg.model`` or ``cfg.data`` imports and is callable, and their keys are valid; needs no
     data (``optstudy.config.validate`` calls it). Adds null ``data.task|n_classes|shape`` for interpolations."""
-    from optstudy.models import _target
+    from optstudy.models import _norm, _target
 
     _target.check_config(cfg)
+    model = cfg.get("model")
+    if model is not None and model.get("name") in ("mlp", "cnn"):  # batch_norm and init, before the data loads
+        _norm.check_options(model.get("batch_norm", False), model.get("init", "default"), model.get("init_std", 0.1))
 
 
 def label(cfg) -> str:

@@ -17,28 +17,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optstudy.models._norm import check_options, initialise
 
 # --- Adam's CNN ---------------------------------------------------------------------------------------------------
 
 
-def cnn(data, channels=(64, 64, 128), hidden=1000, dropout=0.0) -> nn.Module:
+def cnn(data, channels=(64, 64, 128), hidden=1000, dropout=0.0, batch_norm=False, init="default",
+        init_std=0.1) -> nn.Module:
     """Adam's CIFAR-10 CNN (Kingma & Ba 2015, section 6.3): "c64-c64-c128-1000".
 
     Each stage is a 5x5 convolution (padding 2, size kept), ReLU and a 3x3 max-pool of stride 2; then a fully
     connected hidden layer of ``hidden`` units with ReLU and ``dropout``, then the output layer. The paper does not
     give the pooling's padding; padding 1 halves the size rounding up (32 -> 16 -> 8 -> 4) and works on any size. The
     pool is skipped once the image is 1x1, where it could only be the identity (8x8 digits: 8 -> 4 -> 2 -> 1).
+
+    ``batch_norm=True`` (not in the paper) puts a BatchNorm after each convolution and after the hidden layer, before
+    its ReLU (Ioffe & Szegedy 2015); the other layers and their initial draws are unchanged. ``init``, ``init_std``:
+    as for ``mlp`` (``optstudy.models._norm``).
     """
+    check_options(batch_norm, init, init_std)
     layers, width, (h, w) = [], data.shape[0], data.shape[1:]
     for c in channels:
-        layers += [nn.Conv2d(width, c, 5, padding=2), nn.ReLU()]
+        layers += [nn.Conv2d(width, c, 5, padding=2), *([nn.BatchNorm2d(c)] if batch_norm else []), nn.ReLU()]
         if (h, w) != (1, 1):
             layers.append(nn.MaxPool2d(3, stride=2, padding=1))
             h, w = math.ceil(h / 2), math.ceil(w / 2)
         width = c
-    return nn.Sequential(*layers, nn.Flatten(),
-                         nn.Linear(width * h * w, hidden), nn.ReLU(), nn.Dropout(dropout),
-                         nn.Linear(hidden, data.n_classes))
+    model = nn.Sequential(*layers, nn.Flatten(),
+                          nn.Linear(width * h * w, hidden), *([nn.BatchNorm1d(hidden)] if batch_norm else []),
+                          nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, data.n_classes))
+    return initialise(model, init, init_std)
 
 
 # --- CIFAR ResNets ------------------------------------------------------------------------------------------------

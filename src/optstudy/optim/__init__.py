@@ -35,6 +35,8 @@ def build(name: str, params, **hparams) -> CoreOptimizer:
     """The optimizer ``name`` (one of ``NAMES``) over ``params`` with torch.optim-style keywords.
 
     ``impl="loop" | "compiled" | "auto"`` picks the eager or ``torch.compile``d step (see ``CoreOptimizer``).
+    ``grad_noise={"eta": 0.3, "gamma": 0.55, "seed": 0}`` adds annealed gradient noise ``N(0, η/(1+t)^γ)`` to every
+    gradient (Neelakantan et al. 2015; ``optstudy.optim._noise``); off when None or eta is 0.
     Raises ``ConfigError`` for an unknown name or keyword and for values that break a rule.
     """
     return _lookup(name)(params, **hparams)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from optstudy.errors import ConfigError
-from optstudy.optim import _compiled, _members
+from optstudy.optim import _compiled, _members, _noise
 from optstudy.optim._rules import check_group, fail
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,15 @@ AUTO_COMPILE_NUMEL = 1 << 20
 
 
 class CoreOptimizer(torch.optim.Optimizer):
-    """Base class: validation, lazy state, the per-tensor step loop and effective learning rates."""
+    """Base class: validation, lazy state, the per-tensor step loop and effective learning rates.
+
+    Every optimizer also takes ``grad_noise={"eta": η, "gamma": γ, "seed": s}`` (off by default): annealed Gaussian
+    gradient noise (Neelakantan et al. 2015), ``g ← g + N(0, σ_t²)`` with ``σ_t² = η/(1+t)^γ``, ``t`` the parameter's
+    step count from 0 (the first step's variance is η). The optimizer then steps on the noised gradient exactly as it
+    would on any other: its effective learning rate is unchanged by definition. The noise is a pure function of
+    (seed, parameter index, t), so a resumed run continues the same stream; in a population each member draws its own
+    (eta, gamma and seed may be K values). See ``_noise.py``.
+    """
 
     name = "core"
     DEFAULTS: dict[str, Any] = {}  # the keywords this optimizer accepts, with the reference defaults
@@ -60,6 +68,7 @@ class CoreOptimizer(torch.optim.Optimizer):
     def __init__(self, params, impl: str | None = None, members: int | None = None, **hparams):
         self._check_keywords(hparams, "")
         self.members = _check_members(self.name, members)
+        hparams = _noise.prepare(f"optimizer {self.name}", hparams, self.members)
         if self.members:
             hparams = _members.normalize(f"optimizer {self.name}", hparams, self.members)
         impl = impl or os.environ.get("OPTSTUDY_OPTIM_IMPL", "auto")
@@ -78,6 +87,7 @@ class CoreOptimizer(torch.optim.Optimizer):
         self = cls.__new__(cls)
         self._check_keywords(hparams, "")
         self.members = _check_members(cls.name, members)
+        hparams = _noise.prepare(f"optimizer {cls.name}", hparams, self.members)
         if self.members:
             hparams = _members.normalize(f"optimizer {cls.name}", hparams, self.members)
         self._check_group({**cls.DEFAULTS, **cls.TORCH_FLAGS, **hparams, **cls.FIXED})
@@ -85,7 +95,7 @@ class CoreOptimizer(torch.optim.Optimizer):
     def _check_keywords(self, given: dict, where: str) -> None:
         """Unknown keywords are refused; a flag the name fixes is accepted at its fixed value only, so that
         ``type(opt)(params, **opt.defaults)`` rebuilds the same optimizer, as it does for torch.optim classes."""
-        valid = set(self.DEFAULTS) | set(self.TORCH_FLAGS)
+        valid = set(self.DEFAULTS) | set(self.TORCH_FLAGS) | {_noise.KEY}
         unknown = set(given) - valid - set(self.FIXED)
         if unknown:
             raise ConfigError(
@@ -102,6 +112,7 @@ class CoreOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         extra = {k: v for k, v in param_group.items() if k not in self.GROUP_KEYS}
         self._check_keywords(extra, " in a param group")
+        param_group = _noise.prepare(f"optimizer {self.name}", param_group, self.members)
         if self.members:
             param_group = _members.normalize(f"optimizer {self.name}", param_group, self.members)
         super().add_param_group(param_group)  # fills defaults
@@ -234,7 +245,10 @@ class CoreOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if torch.compiler.is_compiling():
-            self._traced_step()
+            if _noise.active(self):  # grad noise draws from generators, which dynamo cannot trace: step eagerly
+                _outside_the_graph(CoreOptimizer.step)(self)
+            else:
+                self._traced_step()
             return loss
         self._last = []
         seen, self._aliases = self._aliases, {}
@@ -247,7 +261,8 @@ class CoreOptimizer(torch.optim.Optimizer):
         """``(param, gradient, state)`` for each parameter of ``group`` that has a gradient, its state created and
         its step counted; the gradient negated for ``maximize``, as torch does before weight decay."""
         maximize, states = group["maximize"], self.state
-        for p in group["params"]:
+        noisy = _noise.adder(self, group)  # None unless grad_noise is on (_noise.py): g + N(0, σ_t²)
+        for i, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
@@ -255,6 +270,8 @@ class CoreOptimizer(torch.optim.Optimizer):
             if not state:
                 self._init_state(p, state, group)
             state["step"] += 1
+            if noisy is not None:
+                g = noisy(i, p, g, state)
             yield p, (-g if maximize else g), state
 
     def _step_group(self, group: dict, seen: dict) -> list[tuple[torch.Tensor, dict]]:

@@ -39,6 +39,9 @@ def _choices(cfg: DictConfig) -> dict[str, list]:
             continue
         if key == "bound":
             out.update({f"bound.{k}": _values(f"bound.{k}", v) for k, v in (value or {}).items() if v is not None})
+        elif key == "grad_noise":  # gradient noise's eta, gamma, seed per member (optstudy.optim._noise)
+            out.update({f"optimizer.grad_noise.{k}": _values(f"grad_noise.{k}", v)
+                        for k, v in (value or {}).items() if v is not None})
         elif key == "seed":
             out["seed"] = _values("seed", value)
         elif key in FLAGS:
@@ -72,8 +75,8 @@ def member_dicts(cfg: DictConfig, settings: list[dict] | None = None) -> tuple[l
     base = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
             for k, v in cfg.items() if k != "hydra"}
     # population back to train.yaml's defaults, key order kept: a member's config is its standalone run's
-    base["population"] = {k: False if k == "shared_order" else {b: None for b in v} if k == "bound" else None
-                          for k, v in base["population"].items()}
+    base["population"] = {k: False if k == "shared_order" else {b: None for b in v} if isinstance(v, dict) else None
+                          for k, v in base["population"].items()}  # bound, grad_noise: their keys kept
     if settings is None:
         choices = _choices(cfg)
         settings = [dict(zip(choices, combo)) for combo in itertools.product(*choices.values())]
@@ -114,17 +117,20 @@ def check(cfg: DictConfig, settings: list[dict] | None = None) -> None:
         raise ConfigError(f"population.shared_order must be true or false, got {shared!r}")
     members, settings = member_dicts(cfg, settings)
     for member, setting in zip(members, settings):
-        kwargs = optimizer_kwargs(member, notes=False)
+        shown = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in setting.items())
+        try:
+            kwargs = optimizer_kwargs(member, notes=False)  # checks optimizer.grad_noise's values
+        except ConfigError as exc:
+            raise ConfigError(f"population member ({shown}): {exc}") from None
         name = kwargs.pop("name")
         unknown = [k.split(".", 1)[1] for k in setting if k.startswith("optimizer.")
-                   and k.split(".", 1)[1] not in optim.defaults(name)]
+                   and k.split(".")[1] not in (*optim.defaults(name), "grad_noise")]
         if unknown:
             raise ConfigError(f"population.{unknown[0]}: optimizer {name} has no keyword {unknown[0]!r}; its "
                               f"keywords: {', '.join(optim.defaults(name))}")
         try:
             optim.check(name, **kwargs)
         except ConfigError as exc:
-            shown = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in setting.items())
             raise ConfigError(f"population member ({shown}): {exc}") from None
 
 

@@ -12,15 +12,20 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf._utils import OmegaConfDumper
 
 from optstudy import data, models
+from optstudy.data import _order
 from optstudy.config import validate
+from optstudy.early import check_monitor
 from optstudy.errors import ConfigError
 from optstudy.lit import Diverged, Trajectory
 from optstudy.lrlog import EffectiveLR, summary
 from optstudy.optim import lr_histogram
 from optstudy.population import members as pop
+from optstudy.population.early import callbacks as member_early_stopping
 from optstudy.population.stack import NotStackable, stack
 from optstudy.population.task import PopulationTask, stacked_data
 from optstudy.train import (_quiet_lightning, _resolved, make_trainer, output_dir, run_name, set_threads,
@@ -98,21 +103,24 @@ def _build_members(cfg, configs) -> tuple[list, list]:
 def _stacked(cfg, configs, settings, model, datasets, start, extra: list) -> PopulationResult:
     seeds = [seed for seed, _ in datasets]
     parts = [d for _, d in datasets]
+    orders = _order.for_members([c["data"] for c in configs], parts)  # data.order: each member's standalone order
     task = PopulationTask(cfg, configs, model, parts[0].task, stacked_data(parts, seeds, "train"),
-                          stacked_data(parts, seeds, "val"))
-    # threads as each member's standalone run takes them (one for small models): two threads stall whenever another
-    # process holds one of the 2 cores (see set_threads), and studies run several workers; trainer.threads=N overrides
-    set_threads(cfg, model.member(0))
+                          stacked_data(parts, seeds, "val"), orders)
+    # threads by the stack's size, whose every operation is K members' (set_threads: one for small models, whose
+    # operations are too small to split); a study's worker has already taken its share of the cores. K = 144 MNIST-1D
+    # MLPs (2.2M parameters) trained in 6.3 s on 2 threads, 12.2 s on one; trainer.threads=N overrides
+    set_threads(cfg, model)
     names = _metric_names(task)
     if cfg.objective not in names:
         raise ConfigError(f"objective must be one of {', '.join(names)}, got {cfg.objective!r}")
+    check_monitor(cfg, names)
     out = output_dir(cfg)
     logger = _logger(cfg, configs, settings)
     rates = MemberRates(len(configs), int(cfg.logger.get("eff_lr_every_n_steps", 25)),
                         bool(cfg.logger.get("eff_lr_heatmap", True))) if logger else None
     kwargs = trainer_kwargs(cfg)
     progress = Progress(task, cfg.objective, print_lines=not kwargs["enable_progress_bar"])
-    callbacks = [progress] + ([rates] if rates else []) + extra
+    callbacks = [progress] + ([rates] if rates else []) + extra + member_early_stopping(cfg, len(configs))
     if cfg.checkpoint.enabled:
         callbacks.append(pl.callbacks.ModelCheckpoint(out / "checkpoints", save_top_k=0, save_last=True))
     trainer = make_trainer(kwargs, logger=logger or False, callbacks=callbacks, default_root_dir=out,
@@ -168,7 +176,7 @@ def _end_member(logger, rates, task, configs, out: Path, k: int, status: str, re
     run ended."""
     directory = out / f"member-{k}"
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.yaml").write_text(OmegaConf.to_yaml(configs[k]))
+    (directory / "config.yaml").write_text(to_yaml(configs[k]))
     paths = [directory / "config.yaml"]
     if rates is not None:
         paths += rates.recorders[k].save(directory, None, _run_name(configs[k]))
@@ -185,8 +193,9 @@ def _result(cfg, task, logger, settings, out, seconds) -> PopulationResult:
     members = []
     for k, setting in enumerate(settings):
         metrics = dict(task.last[k])
+        pruned = None if k in task.early else task.stopped.get(k)  # early stopping ends a member, not prunes it
         members.append(Member(setting, metrics.get(cfg.objective, float("nan")), metrics,
-                              logger.run_ids[k] if logger else None, task.diverged.get(k), task.stopped.get(k)))
+                              logger.run_ids[k] if logger else None, task.diverged.get(k), pruned))
     return PopulationResult(members, logger.parent_run_id if logger else None, logger.uri if logger else None, out,
                             seconds, sequential=False, compactions=tuple(task.compactions))
 
@@ -224,9 +233,22 @@ def _sequential(cfg, configs, settings, start) -> PopulationResult:
     return result
 
 
+class _Dumper(getattr(yaml, "CDumper", yaml.Dumper)):
+    """OmegaConf's dumper (its rule for quoting strings) on libyaml's emitter: 5x faster, the same text."""
+
+
+_Dumper.add_representer(str, OmegaConfDumper.str_representer)
+
+
+def to_yaml(config: dict) -> str:
+    """A member's plain config as ``OmegaConf.to_yaml`` writes it, in ~6 ms instead of ~30 (``OmegaConf.to_yaml``
+    first makes a DictConfig, then emits in pure Python): 144 members' configs took 4 s of a population's end."""
+    return yaml.dump(config, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
 def _run_name(member: dict) -> str:
-    """``run_name`` of a member's plain config (from the few keys it reads)."""
-    return run_name(OmegaConf.create({k: member[k] for k in ("logger", "optimizer", "bound", "seed")}))
+    """``run_name`` of a member's plain config."""
+    return run_name(member)
 
 
 class MemberRates(pl.Callback):

@@ -6,9 +6,9 @@ seed's, as ``optstudy.lit.EpochShuffle`` gives them), or with ``population.share
 whose loss becomes NaN/inf or blows up (the standalone rule, ``divergence.factor``) is frozen at its last weights and
 recorded as diverged while the others go on.
 
-Stopped members (diverged, or pruned by a study) are frozen at once and, at the end of an epoch where at least
-``COMPACT_AT`` of the stack's rows are stopped, cut out of it (``Stacked.keep_members``, the optimizer's
-``keep_members``): they cost nothing from then on. Row ``r`` of the stack is member ``rows[r]``.
+Stopped members (diverged, pruned by a study, or ended by early stopping) are frozen at once and, at the end of an
+epoch where at least ``COMPACT_AT`` of the stack's rows are stopped, cut out of it (``Stacked.keep_members``, the
+optimizer's ``keep_members``): they cost nothing from then on. Row ``r`` of the stack is member ``rows[r]``.
 
 Metrics go to each member's own MLflow run (``PopulationLogger.log_member_metrics``), at the steps a standalone run
 logs them: ``train_loss``, ``lr/g{i}`` and AdaBound's bounds every ``trainer.log_every_n_steps``; ``val_loss`` and
@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from torch.nn import functional as F
 
 import optstudy.optim as optim
+from optstudy import delay
 from optstudy.config import optimizer_kwargs
 from optstudy.lit import EpochShuffle, scheduler
 
@@ -38,8 +39,9 @@ class Batches:
     dataset in its own order. ``xs``/``ys`` hold one row per distinct dataset; ``source[k]`` is member k's row."""
 
     def __init__(self, xs, ys, source: list[int], seeds: list[int], batch_size: int, shuffle: bool,
-                 epoch: Callable[[], int]):
+                 epoch: Callable[[], int], orders: list | None = None):
         self.xs, self.ys, self.seeds, self.batch_size, self.shuffle, self.epoch = xs, ys, seeds, batch_size, shuffle, epoch
+        self.orders = orders or [None] * len(seeds)  # each member's data.order (``_order.Order``; None: shuffle)
         self.source = torch.tensor(source, device=xs.device)[:, None]
         self.n = xs.shape[1]
 
@@ -48,16 +50,17 @@ class Batches:
 
     def _orders(self) -> torch.Tensor:
         orders = {}
-        for seed in set(self.seeds):
-            sampler = EpochShuffle(self.n, seed, shuffle=self.shuffle)
+        for seed, order in set(zip(self.seeds, self.orders)):  # the standalone run's sampler, per member
+            sampler = EpochShuffle(self.n, seed, shuffle=self.shuffle, order=order)
             sampler.set_epoch(self.epoch())
-            orders[seed] = torch.tensor(list(iter(sampler)))
-        return torch.stack([orders[s] for s in self.seeds]).to(self.xs.device)
+            orders[seed, order] = torch.tensor(list(iter(sampler)))
+        return torch.stack([orders[key] for key in zip(self.seeds, self.orders)]).to(self.xs.device)
 
     def keep(self, rows: list[int]) -> None:
         """Only these rows' members from the next epoch on (``PopulationTask._compact``)."""
         self.source = self.source[rows]
         self.seeds = [self.seeds[r] for r in rows]
+        self.orders = [self.orders[r] for r in rows]
 
     def __iter__(self):
         orders = self._orders()
@@ -121,7 +124,7 @@ class PopulationTask(pl.LightningModule):
     """``model``: a ``Stacked`` module; ``members``: each member's resolved config (``members.member_dicts``);
     ``train``/``val``: ``stacked_data``."""
 
-    def __init__(self, cfg: DictConfig, members: list[dict], model, task: str, train, val):
+    def __init__(self, cfg: DictConfig, members: list[dict], model, task: str, train, val, orders: list | None = None):
         super().__init__()
         self.cfg, self.members, self.model, self.task = cfg, members, model, task
         self.k = len(members)
@@ -129,10 +132,12 @@ class PopulationTask(pl.LightningModule):
         self._row = {k: k for k in self.rows}
         self._loaders: list[Batches] = []  # to cut with the stack
         self.train_data, self.val_data = train, val
+        self.orders = orders or [None] * self.k  # each member's data.order, as its standalone run's (run._stacked)
         seeds = [m["seed"] for m in members]
         self.order_seeds = [seeds[0]] * self.k if cfg.population.shared_order else seeds
         self.diverged: dict[int, str] = {}  # member -> reason
-        self.stopped: dict[int, str] = {}  # member -> reason, for members a study pruned
+        self.stopped: dict[int, str] = {}  # member -> reason, for members a study pruned or early stopping ended
+        self.early: set[int] = set()  # those of ``stopped`` that early stopping ended (finished, not pruned)
         self.first_loss: list[float | None] = [None] * self.k
         self.last: list[dict[str, float]] = [{} for _ in range(self.k)]  # each member's latest metrics
         self.on_stopped: Callable[[int, str, str], None] = lambda k, status, reason: None  # set by the runner
@@ -142,6 +147,7 @@ class PopulationTask(pl.LightningModule):
         self._val = torch.zeros(self.k, 3, dtype=torch.float64)
         self.compactions: list[tuple[int, int]] = []  # (epoch, rows left) per cut
         self.trajectories: list[list[dict]] = [[] for _ in range(self.k)]  # objectives: metrics() after each step
+        self.delay_line = delay.population_line(members)  # trainer.delay: one delay sequence for all members
 
     # --- data -----------------------------------------------------------------------------------------------------
     def _batches(self, data, shuffle: bool):
@@ -150,7 +156,8 @@ class PopulationTask(pl.LightningModule):
         xs, ys, source = data
         seeds = self.order_seeds if shuffle else [m["seed"] for m in self.members]
         batches = Batches(xs.to(self.device), ys.to(self.device), [source[k] for k in self.rows],
-                          [seeds[k] for k in self.rows], self.cfg.data.batch_size, shuffle, lambda: self.current_epoch)
+                          [seeds[k] for k in self.rows], self.cfg.data.batch_size, shuffle, lambda: self.current_epoch,
+                          [self.orders[k] for k in self.rows] if shuffle else None)
         self._loaders.append(batches)
         return batches
 
@@ -195,6 +202,14 @@ class PopulationTask(pl.LightningModule):
             self.stopped[k] = reason
             self._freeze(k, "KILLED", reason)
 
+    def stop_early(self, k: int) -> None:
+        """Freezes member k, which early stopping ended (``optstudy.population.early``): frozen and cut as a pruned
+        member is, its run ends FINISHED as a standalone run that stops early does."""
+        if k in self.alive():
+            self.stopped[k] = "early stopping"
+            self.early.add(k)
+            self._freeze(k, "FINISHED", None)
+
     def row(self, k: int) -> int:
         """Member k's row in the stack (while it is in it)."""
         return self._row[k]
@@ -235,8 +250,23 @@ class PopulationTask(pl.LightningModule):
                 out[f"bound/g{i}/lower"], out[f"bound/g{i}/upper"] = _pick(lower, r), _pick(upper, r)
         return out
 
-    def optimizer_step(self, *args, **kwargs):
-        super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        if self.delay_line is None:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+            self._after_update()
+            return
+        # trainer.delay: the same delays for every member (optstudy.delay), so all rows step together
+        self.delay_line.step(optimizer, optimizer_closure, self.global_step, after=self._after_update)
+        t = self.global_step + 1
+        if self.logger is not None and t % self.trainer.log_every_n_steps == 0:
+            self.logger.log_member_metrics({k: self.delay_line.metrics() for k in self.alive()}, t)
+
+    def on_train_end(self):
+        if self.delay_line is not None and self.logger is not None:
+            self.logger.log_member_metrics({k: self.delay_line.metrics(final=True) for k in self.alive()},
+                                           self.global_step)
+
+    def _after_update(self):
         if self.task == "objective":  # e.g. the counterexample's x in [-1, 1]
             with torch.no_grad():
                 self.model.project_()
@@ -326,6 +356,8 @@ class PopulationTask(pl.LightningModule):
         self.rows = [self.rows[r] for r in keep]
         self._row = {k: r for r, k in enumerate(self.rows)}
         self._weights, self._frozen = {}, None  # every frozen member was cut
+        if self.delay_line is not None:  # the gradients in flight too
+            self.delay_line.keep_members(keep)
         self.compactions.append((self.current_epoch, len(self.rows)))
 
     def configure_optimizers(self):

@@ -5,7 +5,8 @@ artifacts: see ``optstudy.tracking``), plus the tags ``mlflow.parentRunId`` (the
 ``population.parent`` and ``population.member`` (its index k), so members and standalone runs compare side by side.
 
 Costs, SQLite store on the 2-core development VM (``benchmarks/population_logging.py``): creating K = 64 member runs
-takes 1.3-1.8 s (three requests per member: MLflow has no batch run creation); ``log_member_metrics`` takes ~0.1 ms
+took 1.3-1.8 s with three requests per member (MLflow has no batch run creation); on a database store they are now
+created, and ended, in one transaction each (``_bulk``); ``log_member_metrics`` takes ~0.1 ms
 of the training thread at K = 64. The sender pays MLflow's ~70 µs per metric value (up to ~200 µs when it competes
 for the GIL and the cores) and ~4.5 ms per ``log_batch`` call, so rows are held until each run has many values to send
 (5 s, or ~1000 values per run). At K = 64 a step logs ~95 values: 7-20 ms of sender CPU per step, which made a 20 ms
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import queue
 import time
 from pathlib import Path
 
 from pytorch_lightning.loggers import Logger
 
 from optstudy.errors import ConfigError
+from optstudy.population import _bulk
 from optstudy.tracking import MLflowLogger, Sender, TrackingUnavailable, _retrying, flatten
 
 MEMBER_KEYS = {"run_name", "tags", "params"}
@@ -168,6 +171,9 @@ class PopulationLogger(Logger):
         return f"kept in {', '.join(sorted(map(str, files)))}" + (f" ({len(lost)} lost)" if lost else "")
 
 
+_NOTHING = object()
+
+
 @dataclasses.dataclass(frozen=True)
 class _End:
     """A member run's end, queued after its metrics."""
@@ -184,25 +190,51 @@ class _Sender(Sender):
     whose end was not reached before the deadline are in ``unended``."""
 
     def __init__(self, client):
+        self.backend = _bulk.store(client)  # a database: metrics, ends in one transaction each
         super().__init__(client, run_id=None)
         self.unended: list[str] = []
 
     def _loop(self) -> None:
-        while (item := self.queue.get()) is not None:
+        item = self.queue.get()
+        while item is not None:
             given_up = self.error is not None or self.undelivered or self.unended
-            if isinstance(item, _End):
+            if isinstance(item, _End):  # with the ends queued right after it: one transaction on a database store
+                ends = [item]
+                while isinstance(item := self._queued(), _End):
+                    ends.append(item)
                 if given_up:
-                    self.unended.append(item.run_id)
+                    self.unended += [end.run_id for end in ends]
                 else:
-                    self._end(item)
-            elif given_up:  # keep the rest in order for the spill file
+                    self._end(ends)
+                if item is _NOTHING:
+                    item = self.queue.get()
+                continue
+            if given_up:  # keep the rest in order for the spill file
                 self.undelivered += item
             else:
                 self._deliver(item)
+            item = self.queue.get()
+
+    def _queued(self):
+        """The next item already queued, or ``_NOTHING``."""
+        try:
+            return self.queue.get_nowait()
+        except queue.Empty:
+            return _NOTHING
 
     def _deliver(self, rows: list[tuple]) -> None:
         from mlflow.entities import Metric
 
+        if self.backend is not None:  # every run's rows in one transaction (see _bulk)
+            try:
+                _retrying(lambda: self.deadline, _bulk.log_metrics, self.backend, rows)
+                return
+            except TrackingUnavailable as exc:
+                self.outage = exc.reason
+                self.undelivered += rows
+                return
+            except Exception:  # e.g. a row already there: log_batch skips those, one run at a time
+                pass
         by_run: dict[str, list[tuple]] = {}
         for row in rows:
             by_run.setdefault(row[0], []).append(row)
@@ -221,20 +253,33 @@ class _Sender(Sender):
                     self.error = exc
                     return
 
-    def _end(self, end: _End) -> None:
+    def _end(self, ends: list[_End]) -> None:
+        """MLflowLogger.close's end of each run: its artifacts, the reason of a failure as a tag, its status; the
+        tags and statuses of all ``ends`` in one transaction where the store is a database."""
         def deadline():
             return self.deadline
 
         try:
-            # MLflowLogger.close's end of a run: artifacts, the reason of a failure as a tag, the status
-            for path in end.artifacts:
-                _retrying(deadline, self.client.log_artifact, end.run_id, path)
-            if end.reason:
-                _retrying(deadline, self.client.set_tag, end.run_id, "failure_reason", end.reason[:5000])
-            _retrying(deadline, self.client.set_terminated, end.run_id, status=end.status)
+            uploading = [e.run_id for e in ends if e.artifacts]
+            repos = (_retrying(deadline, _bulk.artifact_repos, self.backend, self.client.tracking_uri, uploading)
+                     if self.backend is not None and uploading else {})
+            for end in ends:
+                for path in end.artifacts:
+                    if end.run_id in repos:
+                        _retrying(deadline, repos[end.run_id].log_artifact, path)
+                    else:
+                        _retrying(deadline, self.client.log_artifact, end.run_id, path)
+            if self.backend is not None:
+                _retrying(deadline, _bulk.end_runs, self.backend, [(e.run_id, e.status, e.reason) for e in ends],
+                          int(time.time() * 1000))
+                return
+            for end in ends:
+                if end.reason:
+                    _retrying(deadline, self.client.set_tag, end.run_id, "failure_reason", end.reason[:5000])
+                _retrying(deadline, self.client.set_terminated, end.run_id, status=end.status)
         except TrackingUnavailable as exc:
             self.outage = exc.reason
-            self.unended.append(end.run_id)
+            self.unended += [end.run_id for end in ends]
         except Exception as exc:
             self.error = exc
 
@@ -253,26 +298,33 @@ def _create_members(client, experiment_id: str, parent_id: str, members: list[di
     MLflow's 100, after one query per distinct name for unique names."""
     from mlflow.entities import Param
 
-    names = _unique_names(client, experiment_id, [m["run_name"] for m in members])
-    run_ids = []
+    backend = _bulk.store(client)
+    names = _unique_names(client, experiment_id, [m["run_name"] for m in members], backend)
+    runs = []
     for k, (member, name) in enumerate(zip(members, names)):
         tags = {**{key: str(v) for key, v in member.get("tags", {}).items() if v is not None},
                 "mlflow.parentRunId": parent_id, "population.parent": parent_id, "population.member": str(k)}
-        run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
         # exactly MLflowLogger.log_hyperparams' params: flattened, values cut at MLflow's 6000 characters
         params = [Param(key, v[:6000]) for key, v in sorted(flatten(member.get("params", {})).items())]
+        runs.append((name, tags, params))
+    if backend is not None:  # all of them in one transaction (see _bulk)
+        return _bulk.create_runs(backend, experiment_id, runs, int(time.time() * 1000))
+    run_ids = []
+    for name, tags, params in runs:
+        run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
         for i in range(0, len(params), 100):
             client.log_batch(run_id, params=params[i:i + 100])
         run_ids.append(run_id)
     return run_ids
 
 
-def _unique_names(client, experiment_id: str, names: list[str]) -> list[str]:
+def _unique_names(client, experiment_id: str, names: list[str], backend=None) -> list[str]:
     """MLflowLogger's rule for many names at once: a name the experiment, or an earlier member, has already gets
-    `` (2)``, `` (3)``, ... One query per distinct name, MLflowLogger's (MLflow's search has no OR, and its IN takes
-    run ids only)."""
-    taken = set()
-    for base in sorted({n for n in names if n}):
+    `` (2)``, `` (3)``, ... One query for all on a database store, else one per distinct name, MLflowLogger's
+    (MLflow's search has no OR, and its IN takes run ids only)."""
+    bases = sorted({n for n in names if n})
+    taken = _bulk.taken_names(backend, experiment_id, bases) if backend is not None else set()
+    for base in bases if backend is None else ():
         quoted = (base + "%").replace("'", "\\'")
         runs = client.search_runs([experiment_id], filter_string=f"attributes.run_name LIKE '{quoted}'",
                                   max_results=50000)

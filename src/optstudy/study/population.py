@@ -33,6 +33,7 @@ import pytorch_lightning as pl
 from optuna.trial import TrialState
 
 from optstudy.config import TrackingUnreachable, compose
+from optstudy.early import record_trial
 from optstudy.tracking import TrackingUnavailable
 
 
@@ -164,6 +165,8 @@ def _train_group(worker, name: str, bound: str | None, group: list, assignments)
         trial.set_user_attr("mlflow_run_ids", runs)
         trial.set_user_attr("mlflow_run_id", runs[0])
         trial.set_user_attr("train_seconds", result.seconds * len(mine) / len(result.members))  # its share
+        for m in members:  # trainer.early_stopping's outcome per seed, when it is on
+            record_trial(trial, m.metrics, worker.epochs)
         outcomes.append(_outcome(trial, members))
     return outcomes
 

@@ -19,8 +19,9 @@
           hyperbolic: {}
           exponential: {rate: {low: 1.0e-4, high: 1.0e-2, log: true}}
 
-Searchable keys per optimizer: lr, beta1, beta2, eps, momentum, weight_decay, final_lr, gamma, bound. A grid study
-(``sampler: grid``) takes lists only and runs every combination exactly once.
+Searchable keys per optimizer: lr, beta1, beta2, eps, momentum, weight_decay, final_lr, gamma, bound, and any other
+config key by its dotted path (``data.order: [shuffle, curriculum]``; with enqueued defaults, the first value listed).
+A grid study (``sampler: grid``) takes lists only and runs every combination exactly once.
 """
 
 from __future__ import annotations
@@ -121,8 +122,9 @@ class Study:
             if space.bounds:
                 point["bound"] = "hyperbolic" if "hyperbolic" in space.bounds else next(iter(space.bounds))
                 params += space.bounds[point["bound"]]
-            for p in params:  # a param the paper does not set: the middle of its range
-                point[p.name] = values.get(p.name.removeprefix("bound."), _middle(p))
+            for p in params:  # a param the paper does not set: the middle of its range (a config key's list: its first)
+                first = p.choices[0] if "." in p.name and not p.name.startswith("bound.") and p.choices else None
+                point[p.name] = values.get(p.name.removeprefix("bound."), _middle(p) if first is None else first)
             if all(_inside(p, point[p.name]) for p in params):
                 out.append(point)
         return out
@@ -273,8 +275,12 @@ def _spaces(raw, where) -> dict[str, Space]:
         for name, spec in space.items():
             if name == "bound":
                 continue
+            if "." in name and not name.startswith("bound."):  # a config key by its path (bounds: under bound)
+                params.append(_param(name, spec, f"{key}.{name}"))
+                continue
             if name not in HPARAMS:
-                raise ConfigError(f"{key}.{name}: not a searchable hyperparameter; valid: {', '.join(HPARAMS)}")
+                raise ConfigError(f"{key}.{name}: not a searchable hyperparameter; valid: {', '.join(HPARAMS)}, or "
+                                  "any other config key by its dotted path (e.g. data.order)")
             if name not in accepted:
                 raise ConfigError(f"{key}.{name}: {opt} has no {name}")
             params.append(_param(name, spec, f"{key}.{name}"))

@@ -30,6 +30,7 @@ from optuna.trial import TrialState
 import optstudy.optim as optim
 from optstudy.callbacks import OptunaPruning
 from optstudy.config import TrackingUnreachable, compose, validate
+from optstudy.early import record_trial
 from optstudy.errors import ConfigError, OptstudyError
 from optstudy.study.spec import Study
 from optstudy.study.storage import open_storage
@@ -72,7 +73,8 @@ def assignments(params: dict) -> dict:
         if key in ("optimizer", "bound", "beta1", "beta2"):
             continue
         # gamma is the hyperbolic schedule's parameter: conf/bound/hyperbolic.yaml holds it
-        out["bound.gamma" if key == "gamma" else key if key.startswith("bound.") else f"optimizer.{key}"] = value
+        # a dotted key (bound.rate, data.order) is a config key already
+        out["bound.gamma" if key == "gamma" else key if "." in key else f"optimizer.{key}"] = value
     betas = {k: params[k] for k in ("beta1", "beta2") if k in params}
     if betas:  # a beta not searched keeps the optimizer's default
         default = optim.defaults(params["optimizer"])["betas"]
@@ -184,6 +186,7 @@ class Worker:
         if theirs is None:  # started before studies recorded it
             return study
         differ = sorted(k for k in {*theirs, *self.identity} if theirs.get(k) != self.identity.get(k))
+        differ = [k for k in differ if k not in self._added_since(theirs)]
         if differ:
             shown = "; ".join(f"{k}: study {theirs.get(k, '(unset)')}, this worker {self.identity.get(k, '(unset)')}"
                               for k in differ[:5])
@@ -200,6 +203,17 @@ class Worker:
                                     f"finished setting it up; delete it (optuna delete-study) and start again")
             time.sleep(0.5)
         return study
+
+    def _added_since(self, theirs: dict) -> set[str]:
+        """Keys a newer optstudy added (the study never recorded them) that this worker leaves at their defaults
+        for its model, data, optimizer... choices: trials shaped as the study's were, so a study started before an
+        upgrade goes on. A new key set to something else is a difference."""
+        new = {k for k in self.identity if k not in theirs}
+        if not new:
+            return set()
+        groups = [o for o in (*self.spec.overrides, *self.extra) if "=" in o and "." not in o.split("=")[0]]
+        defaults = identity(compose(groups, self.config_dir))
+        return {k for k in new if self.identity[k] == defaults.get(k)}
 
     # the loop
     def run(self, n_trials: int | None = None) -> int:
@@ -333,6 +347,7 @@ class Worker:
             from optstudy.train import train
 
             result = train(compose(overrides, self.config_dir), callbacks=[Pruning(trial, self.objective, offset)])
+            record_trial(trial, result.metrics, self.epochs)  # trainer.early_stopping's outcome, when it is on
         return result.value, result.run_id, sum(result.epoch_seconds)
 
     def _tags(self, trial, seed) -> list[str]:

@@ -17,11 +17,10 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from optstudy.dashboards import figures, robustness, runs
+from optstudy.dashboards import figures, robustness, runs, views
 from optstudy.dashboards import html as h
 from optstudy.dashboards import trials as tr
 from optstudy.dashboards.importance import importances
-from optstudy.tracking import ui_command
 
 
 @dataclass
@@ -63,6 +62,7 @@ def write(study: optuna.Study, out_dir: Path, tracking_uri: str | None = None) -
     client = runs.client(uri)
     sections = [header(study, t, uri), hyperparameter_section(t), lr_section(t), robustness_section(t),
                 importance_section(study, t), curves_section(t, client), eff_lr_section(t, client)]
+    sections += [s for s in [early_section(study)] if s is not None]
     for section in sections:
         for name, table in section.csvs.items():
             table.to_csv(out_dir / name, index=False)
@@ -72,6 +72,8 @@ def write(study: optuna.Study, out_dir: Path, tracking_uri: str | None = None) -
 
 
 def header(study: optuna.Study, t: Tables, uri: str | None) -> h.Section:
+    from optstudy.tracking import ui_command  # here: it imports Lightning, which the dashboard's views do not need
+
     s = t.settings
     section = h.Section("study", "1. Study", csvs={"trials.csv": t.trials})
     section.parts.append(h.definitions({
@@ -113,15 +115,15 @@ def hyperparameter_section(t: Tables) -> h.Section:
                                 "configuration; bar: its spread, min to max over seeds. lr, eps, final_lr and gamma "
                                 "(and any log-scale parameter) on a log axis."))
     for optimizer in t.optimizers:
-        params = tr.searched_params(t.configs, optimizer)
-        if not params:
+        png = views.hyperparameters(t, optimizer)
+        if png is None:
             section.parts.append(h.note(f"{optimizer}: {_absent(t, optimizer)}"))
             continue
-        b64 = figures.hyperparameters(optimizer, t.seeds[t.seeds["optimizer"] == optimizer],
-                                      t.configs[t.configs["optimizer"] == optimizer], params,
-                                      {p: t.kinds.get(p, (False, False)) for p in params}, t.settings.objective,
-                                      t.colors[optimizer])
-        section.parts += [f"<h3>{h.esc(optimizer)}</h3>", h.img(b64, f"{optimizer}: objective per hyperparameter")]
+        section.parts += [f"<h3>{h.esc(optimizer)}</h3>", h.img(png, f"{optimizer}: objective per hyperparameter")]
+        pair = views.pairs(t, optimizer)  # the 2-D views, where the optimizer searched more than lr
+        if pair is not None:
+            section.parts.append(h.img(pair, f"{optimizer}: lr against each other hyperparameter",
+                                       "2-D views: one dot per configuration, coloured by its mean over seeds"))
     return section
 
 
@@ -138,10 +140,9 @@ def lr_section(t: Tables) -> h.Section:
         section.parts.append(h.para("For each optimizer and learning rate of the grid, the configuration with the best "
                                     "mean objective over seeds (its other hyperparameters at their best for that lr); "
                                     "the band is that configuration's min to max over seeds."))
-    if len(t.curve):
-        points = t.configs.rename(columns={"params_lr": "lr"}) if t.binned else None
-        section.parts.append(h.img(figures.lr_sensitivity(t.curve, t.settings.objective, t.colors, points,
-                                                          tr.diverged(t.trials)), "learning-rate sensitivity"))
+    png = views.lr_sensitivity(t)
+    if png is not None:
+        section.parts.append(h.img(png, "learning-rate sensitivity"))
     for optimizer, rows in tr.diverged(t.trials).groupby("optimizer", sort=False):
         section.parts.append(h.note(f"{optimizer} diverged at lr {', '.join(f'{lr:.3g}' for lr in sorted(rows['lr']))} "
                                     "(marked x on the top edge)"))
@@ -186,7 +187,7 @@ def importance_section(study: optuna.Study, t: Tables) -> h.Section:
                                 "parameter explains; and it pools all trials, without our per-optimizer scopes. "
                                 "Both are right about different questions."))
     if len(table):
-        section.parts += [h.table(table, "importances-table"), h.img(figures.importance_bars(table), "importances")]
+        section.parts += [h.table(table, "importances-table"), h.img(views.importances(table), "importances")]
     section.parts += [h.note(n) for n in notes]
     return section
 
@@ -201,15 +202,10 @@ def curves_section(t: Tables, client) -> h.Section:
     if isinstance(client, runs.Missing):
         section.parts.append(h.note(client))
         return section
-    shown, rows, notes = {}, [], []
-    for _, best in t.best.iterrows():
-        table, missing = runs.curves(client, best["run_ids"], key)
-        notes += [f"{best['optimizer']}: {m}" for m in missing]
-        if len(table):
-            shown[best["optimizer"]] = table
-            rows.append(table.assign(optimizer=best["optimizer"], trials=json.dumps(best["trials"])))
+    shown, notes = views.best_curves(t, client)
+    rows = [table.assign(optimizer=o, trials=json.dumps(table["trials"].iloc[0])) for o, table in shown.items()]
     if shown:
-        section.parts.append(h.img(figures.learning_curves(shown, key, t.colors), "learning curves"))
+        section.parts.append(h.img(views.curves(shown, t), "learning curves"))
     notes += [f"{o}: {_absent(t, o)}" for o in t.optimizers if o not in set(t.best["optimizer"])]
     section.parts += [h.note(n) for n in notes]
     section.csvs["learning_curves.csv"] = _long(rows, columns)
@@ -226,19 +222,16 @@ def eff_lr_section(t: Tables, client) -> h.Section:
     if isinstance(client, runs.Missing):
         section.parts.append(h.note(client))
         return section
-    heatmaps, finals, notes = [], {}, []
-    for _, best in t.best.iterrows():
-        run_id = best["run_ids"][0] if best["run_ids"] else None
-        arrays = runs.histograms(client, run_id)
-        if isinstance(arrays, runs.Missing):
-            notes.append(f"{best['optimizer']}: {arrays}")
-            continue
-        caption = f"{best['optimizer']}, trial {best['trials'][0]}, run {run_id}"
-        heatmaps.append(h.img(figures.heatmap(arrays, best["optimizer"]), f"{best['optimizer']} heatmap", caption))
-        finals[best["optimizer"]] = runs.final_distribution(arrays).assign(optimizer=best["optimizer"], run_id=run_id)
+    found, notes = views.best_histograms(t, client)
+    heatmaps = [h.img(views.heatmap(arrays, o), f"{o} heatmap", f"{o}, trial {trial}, run {run_id}")
+                for o, trial, run_id, arrays in found]
+    final_png, finals = views.final_distributions(found, t)
     if heatmaps:
-        section.parts += ['<div class="row">', *heatmaps, "</div>",
-                          h.img(figures.final_distributions(finals, t.colors), "final effective-lr distributions")]
+        section.parts += ['<div class="row">', *heatmaps, "</div>", h.img(final_png, "final effective-lr distributions")]
+    bounds = views.bound_schedules(t, views.bound_steps(found))
+    if bounds is not None:
+        section.parts.append(h.img(bounds, "bound schedules", "AdaBound's clip range over training: the bound "
+                                                              "schedules of the best configurations"))
     notes += [f"{o}: {_absent(t, o)}" for o in t.optimizers if o not in set(t.best["optimizer"])]
     section.parts += [h.note(n) for n in notes]
     final = _long(list(finals.values()), columns)
@@ -265,3 +258,19 @@ def _jsonable(table: pd.DataFrame) -> pd.DataFrame:
 def _redacted(uri: str) -> str:
     """A tracking URI without its password (``postgresql://user:***@host/db``)."""
     return re.sub(r"(//[^/:@]+:)[^@/]+@", r"\1***@", uri)
+
+
+def early_section(study: optuna.Study) -> h.Section | None:
+    """8. Epochs saved by early stopping, when the study's trials ran with ``trainer.early_stopping`` on."""
+    table, png = views.early_stopping(study)
+    if png is None:
+        return None
+    section = h.Section("early-stopping", "8. Early stopping: epochs saved per optimizer",
+                        csvs={"early_stopping.csv": table})
+    section.parts.append(h.para("Per optimizer, the completed trials' runs (one per seed): how many stopped early, the "
+                                "epochs they ran out of the budget and the share saved; and the best trial's final "
+                                "value (what the study ranks) against the best value its runs saw during training "
+                                "(the gap is what training past the best cost)."))
+    section.parts += [h.table(table, "early-stopping-table"), h.img(png, "epochs saved by early stopping")]
+    return section
+

@@ -34,8 +34,9 @@ def history(client: MlflowClient, run_id: str | None, key: str) -> pd.Series | M
     if not run_id:
         return Missing("no MLflow run id")
     try:
-        client.get_run(run_id)  # a run that is not there has an empty history: say which it is
         metrics = client.get_metric_history(run_id, key)
+        if not metrics:
+            client.get_run(run_id)  # a run that is not there has an empty history too: say which it is
     except MlflowException as exc:
         return Missing(f"run {run_id}: {_short(exc)}")
     if not metrics:
@@ -103,3 +104,31 @@ def _no_progress_bar():
 def _short(exc: Exception) -> str:
     text = str(getattr(exc, "message", exc)).splitlines()
     return text[0][:200] if text else ""
+
+
+class Cached:
+    """An MlflowClient that keeps what it read: metric histories and downloaded artifacts, by run. For the live
+    dashboard, which draws the same runs' curves and histograms into several views and again on each change of
+    another trial; only for runs that are finished (a running run's history still grows)."""
+
+    def __init__(self, client: MlflowClient):
+        self.client = client
+        self.histories: dict[tuple[str, str], list] = {}
+        self.files: dict[tuple[str, str], bytes] = {}
+
+    def get_run(self, run_id: str):
+        return self.client.get_run(run_id)
+
+    def get_metric_history(self, run_id: str, key: str):
+        if (run_id, key) not in self.histories:
+            self.histories[(run_id, key)] = self.client.get_metric_history(run_id, key)
+        return self.histories[(run_id, key)]
+
+    def download_artifacts(self, run_id: str, path: str, dst_path: str) -> str:
+        if (run_id, path) not in self.files:
+            with tempfile.TemporaryDirectory() as tmp:
+                self.files[(run_id, path)] = Path(self.client.download_artifacts(run_id, path, tmp)).read_bytes()
+        out = Path(dst_path) / path
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(self.files[(run_id, path)])
+        return str(out)

@@ -5,6 +5,7 @@ Nothing on the page refers to another file or address, so it opens the same from
 
 from __future__ import annotations
 
+import base64
 import html
 import math
 from dataclasses import dataclass, field
@@ -68,8 +69,8 @@ def para(text: str) -> str:
     return f"<p>{esc(text)}</p>"
 
 
-def img(b64: str, alt: str, caption: str | None = None) -> str:
-    image = f'<img alt="{esc(alt)}" src="data:image/png;base64,{b64}">'
+def img(png: bytes, alt: str, caption: str | None = None) -> str:
+    image = f'<img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
     return f"<figure>{image}<figcaption>{esc(caption)}</figcaption></figure>" if caption else image
 
 

@@ -1,11 +1,12 @@
-"""The report's figures, drawn with matplotlib's object API (no pyplot state) and returned as base64 PNG.
+"""The figures of the sensitivity report and of the live dashboard: one function per view, drawn with matplotlib's
+object API (no pyplot state, so the dashboard's threads can draw at once) and returned as PNG bytes. The static report
+embeds them as data URIs (``html.img``); the dashboard serves the same bytes (``app``), so both show the same picture.
 
 Each optimizer keeps one colour across figures (``colors``).
 """
 
 from __future__ import annotations
 
-import base64
 import io
 import tempfile
 from pathlib import Path
@@ -14,15 +15,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from optstudy import lrlog
-
 DPI = 90
 
 
-def png(fig: Figure) -> str:
+def png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
 
 
 def colors(optimizers: list[str]) -> dict[str, str]:
@@ -30,7 +29,7 @@ def colors(optimizers: list[str]) -> dict[str, str]:
 
 
 def hyperparameters(optimizer: str, seeds: pd.DataFrame, configs: pd.DataFrame, params: list[str],
-                    kinds: dict[str, tuple[bool, bool]], objective: str, color: str) -> str:
+                    kinds: dict[str, tuple[bool, bool]], objective: str, color: str) -> bytes:
     """One panel per hyperparameter: every seed's value (dots) and each configuration's mean (marker) with its
     min-max over seeds (bar). ``kinds[name]`` = (log axis, categorical)."""
     cols = min(len(params), 3)
@@ -65,7 +64,7 @@ def _param_panel(ax, seeds, configs, column, log, categorical, color):
 
 
 def lr_sensitivity(curve: pd.DataFrame, objective: str, color: dict[str, str], points: pd.DataFrame | None = None,
-                   diverged: pd.DataFrame | None = None) -> str:
+                   diverged: pd.DataFrame | None = None) -> bytes:
     """DeepOBS' learning-rate sensitivity: per optimizer, the best mean objective at each lr (or lr bin), band
     min-max; ``points``: every configuration's mean (optimizer, lr, mean), drawn as dots under the lines;
     ``diverged``: (optimizer, lr) of trials that diverged, as crosses on the top edge (they have no value)."""
@@ -96,7 +95,7 @@ def lr_sensitivity(curve: pd.DataFrame, objective: str, color: dict[str, str], p
     return png(fig)
 
 
-def importance_bars(table: pd.DataFrame) -> str:
+def importance_bars(table: pd.DataFrame) -> bytes:
     scopes = list(dict.fromkeys(table["scope"]))
     fig = Figure(figsize=(4.2 * len(scopes), 0.5 + 0.45 * table.groupby("scope").size().max() + 1),
                  layout="constrained")
@@ -108,27 +107,31 @@ def importance_bars(table: pd.DataFrame) -> str:
     return png(fig)
 
 
-def learning_curves(curves: dict[str, pd.DataFrame], objective: str, color: dict[str, str]) -> str:
+def learning_curves(curves: dict[str, pd.DataFrame], objective: str, color: dict[str, str],
+                    title: str = "best configuration of each optimizer: mean over seeds, band min-max") -> bytes:
+    """One line per entry of ``curves`` (label -> step, mean, min, max), band min-max; a label that is not an
+    optimizer (a chosen trial, ``"trial 7 (adam)"``) takes its optimizer's colour when ``color`` has the label."""
     fig = Figure(figsize=(8, 4.8), layout="constrained")
     ax = fig.add_subplot()
     for optimizer, table in curves.items():
         c = color.get(optimizer, "k")
         ax.plot(table["step"], table["mean"], "o-", ms=3, color=c, label=optimizer)
         ax.fill_between(table["step"], table["min"], table["max"], color=c, alpha=0.18, lw=0)
-    ax.set(xlabel="optimizer step", ylabel=objective, title="best configuration of each optimizer: mean over seeds, "
-           "band min-max")
+    ax.set(xlabel="optimizer step", ylabel=objective, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     return png(fig)
 
 
-def heatmap(arrays: dict, title: str) -> str:
-    """``optstudy.lrlog.heatmap`` (the run's own artifact picture), as base64."""
+def heatmap(arrays: dict, title: str) -> bytes:
+    """``optstudy.lrlog.heatmap`` (the run's own artifact picture, AdaBound's bounds drawn), as PNG bytes."""
+    from optstudy import lrlog  # here: it imports Lightning (seconds), which the other views do not need
+
     with tempfile.TemporaryDirectory() as tmp:
-        return base64.b64encode(lrlog.heatmap(arrays, Path(tmp) / "heatmap.png", title).read_bytes()).decode()
+        return lrlog.heatmap(arrays, Path(tmp) / "heatmap.png", title).read_bytes()
 
 
-def final_distributions(tables: dict[str, pd.DataFrame], color: dict[str, str]) -> str:
+def final_distributions(tables: dict[str, pd.DataFrame], color: dict[str, str]) -> bytes:
     """The last record's distribution of log10 effective lr of each optimizer's best run, overlaid."""
     fig = Figure(figsize=(8, 4.2), layout="constrained")
     ax = fig.add_subplot()
@@ -143,4 +146,74 @@ def final_distributions(tables: dict[str, pd.DataFrame], color: dict[str, str]) 
            title="effective learning rates at the last record")
     ax.grid(alpha=0.3)
     ax.legend()
+    return png(fig)
+
+
+def pairs(optimizer: str, configs: pd.DataFrame, others: list[str], kinds: dict[str, tuple[bool, bool]],
+          objective: str, sign: float) -> bytes:
+    """The 2-D views: lr (x) against each other hyperparameter of ``others`` (y: β1, momentum, final_lr, γ, a bound
+    schedule's parameter, the schedule itself), one dot per configuration coloured by its mean objective over seeds
+    (one colour scale for the figure, the best end dark), the best configuration starred. Where the good lr moves
+    with the other parameter, the dark band leans; a vertical band means the two do not interact."""
+    cols = min(len(others), 3)
+    rows = -(-len(others) // cols)
+    fig = Figure(figsize=(max(4.6 * cols, 6.0), 3.6 * rows), layout="constrained")
+    means = configs["mean"].astype(float)
+    finite = means[np.isfinite(means)]
+    vmin, vmax = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
+    cmap = "viridis" if sign > 0 else "viridis_r"  # dark = good in both directions
+    best = configs.iloc[int(np.argmin(sign * means.to_numpy()))] if len(finite) else None
+    for i, name in enumerate(others):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        column = f"params_{name}"
+        mine = configs[configs[column].notna() & configs["params_lr"].notna()]
+        log, categorical = kinds.get(name, (False, False))
+        y = mine[column]
+        if categorical:
+            labels = sorted({str(v) for v in y})
+            y = y.astype(str).map({v: j for j, v in enumerate(labels)})
+            ax.set_yticks(range(len(labels)), labels)
+        elif log:
+            ax.set_yscale("log")
+        dots = ax.scatter(mine["params_lr"].astype(float), y.astype(float), c=mine["mean"].astype(float), s=36,
+                          cmap=cmap, vmin=vmin, vmax=vmax, edgecolors="none")
+        if best is not None and pd.notna(best.get(column)):
+            by = {str(v): j for j, v in enumerate(sorted({str(v) for v in mine[column]}))}.get(str(best[column])) \
+                if categorical else best[column]
+            ax.plot(best["params_lr"], by, "*", ms=16, mfc="none", mec="crimson", mew=1.5, label="best")
+            ax.legend(loc="best", fontsize=8)
+        ax.set(xscale="log", xlabel="lr", ylabel=name)
+        ax.grid(alpha=0.3, which="both")
+    fig.colorbar(dots, ax=fig.axes, label=f"{objective} (mean over seeds)", shrink=0.9)
+    fig.suptitle(f"{optimizer}: lr × {', '.join(others)}; a dot per configuration", fontsize=10)
+    return png(fig)
+
+
+def bound_schedules(schedules: dict[str, tuple[float, object]], steps: int, color: dict[str, str]) -> bytes:
+    """AdaBound's clip range over training: for each entry (label -> (final_lr, schedule), a schedule of
+    ``optstudy.optim.bounds``), the lower bound ``final_lr·lower(t)`` (dashed) and the upper bound
+    ``final_lr·upper(t)`` (dotted) on the per-element step size, t = 1 .. ``steps``, on log axes; both close on
+    final_lr (thin line), where the optimizer becomes SGD."""
+    fig = Figure(figsize=(8, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    t = np.unique(np.geomspace(1, max(int(steps), 2), 400).round())
+    for i, (label, (final_lr, schedule)) in enumerate(schedules.items()):
+        c = color.get(label, f"C{i % 10}")
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            lower, upper = final_lr * np.asarray(schedule.lower(t), float), final_lr * np.asarray(schedule.upper(t), float)
+        lower, upper = np.where(lower > 0, lower, np.nan), np.where(np.isfinite(upper), upper, np.nan)
+        ax.plot(t, lower, "--", color=c, lw=1.5, label=f"{label}: lower")
+        ax.plot(t, upper, ":", color=c, lw=1.8, label=f"{label}: upper")
+        ax.axhline(final_lr, color=c, lw=0.6, alpha=0.6)
+    ax.set(xscale="log", yscale="log", xlabel="optimizer step t", ylabel="step-size bound (final_lr · lower, upper)",
+           title=f"bound schedules of the best configurations, {int(steps)} steps")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, ncol=2)
+    return png(fig)
+
+
+def message(text: str) -> bytes:
+    """A small picture that says why a view has nothing to draw (the dashboard's image slots always get a PNG)."""
+    fig = Figure(figsize=(6, 1.2), layout="constrained")
+    fig.text(0.5, 0.5, text, ha="center", va="center", wrap=True, color="#555")
     return png(fig)
