@@ -94,9 +94,9 @@ def train_size(problem_overrides: list[str]) -> int:
 
 def main() -> None:
     p = _cli.parser(__doc__, "about 25 min on the 2-core VM under load, 6 min idle; --quick: a third", overrides=True)
-    p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
-    p.add_argument("--processes", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS), help="what to train")
+    p.add_argument("--processes", type=int, default=2, help="processes (workers) of each parallel strategy")
+    p.add_argument("--repeats", type=int, default=1, help="runs of every cell; the medians are printed")
     p.add_argument("--quick", action="store_true", help="two epochs per problem")
     p.add_argument("--figure", type=Path, help="draw throughput ratios and final losses here (a .png)")
     p.add_argument("--json", type=Path, help="write every cell's numbers here")

@@ -85,6 +85,45 @@ def ceiling(per_run: list[tuple[int, float, float]]) -> str:
             f"{(e1 + o1) / max(o, 1e-9):.1f}x)")
 
 
+def floor(problem: str, k: int, epochs: int) -> tuple[float, float]:
+    """The arithmetic of a population's training, nothing else: the same stacked model (``stack`` of the problem's
+    K member models) and the same optimizer stepping on random batches of the problem's shape, no Lightning, data
+    loading, validation or tracking, on the threads the population takes. Returns (ms a step, ms a run over
+    ``epochs`` epochs): what no K can go below."""
+    import torch
+    import torch.nn.functional as F
+
+    from optstudy import data, models, optim
+    from optstudy.config import compose
+    from optstudy.population.stack import stack
+    from optstudy.train import set_threads
+
+    cfg = compose(["optimizer=adam", *PROBLEMS[problem], "logger=none"])
+    ds = data.load(cfg.data, 0)
+    model = stack([models.build(cfg.model, ds) for _ in range(k)])
+    torch.set_num_threads(os.cpu_count() or 1)  # a lone worker's share, then set_threads' rule, as train_population
+    set_threads(cfg, model)
+    opt = optim.build("adam", model.parameters(), members=k, lr=[1e-3] * k)
+    batch = int(cfg.data.batch_size)
+    x0, _ = ds.train[0]
+    x = torch.randn(k, batch, *torch.as_tensor(x0).shape)
+    y = torch.randint(0, ds.n_classes, (k, batch))
+    steps_per_epoch = -(-len(ds.train) // batch)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum").backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    n, start = 20, time.perf_counter()
+    for _ in range(n):
+        step()
+    ms = 1e3 * (time.perf_counter() - start) / n
+    return ms, ms * steps_per_epoch * epochs / k
+
+
 def startup_bound(cells: list[tuple[int, dict]]) -> str:
     """The worker's start-up (imports, the study's parent run: launch to its first trial) is paid once per worker
     whatever K is, so it caps the speed-up of a study this short; a long study (thousands of trials) pays it once."""
@@ -137,6 +176,13 @@ def main() -> None:
                   flush=True)
             print("  " + ceiling(per_run), flush=True)
             print("  " + startup_bound(cells), flush=True)
+            k = args.ks[-1]
+            step_ms, run_ms = floor(problem, k, args.epochs)
+            one = per_run[0][1] + per_run[0][2]
+            print(f"  arithmetic floor at K={k}: the stacked forward, backward and Adam step alone take {step_ms:.1f} "
+                  f"ms a step on this machine, {run_ms:.0f} ms a run over {args.epochs} epochs; one at a time a run "
+                  f"takes {one:.0f} ms: no population can run more than {one / max(run_ms, 1e-9):.1f}x the runs per "
+                  "hour here", flush=True)
     if best:
         print(f"population study speedup: {best['x']:.1f}x trials/hour at K={best['k']} (digits mlp)")
 

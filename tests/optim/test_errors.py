@@ -108,3 +108,10 @@ def test_check_raises_what_build_raises_without_parameters(name, hp):
         o.check(name, **hp)
     assert str(checked.value) == str(built.value)
     o.check(name if name != "adma" else "adam")  # the defaults pass
+
+
+def test_a_subclass_made_elsewhere_does_not_repeat_a_name_in_the_message():
+    """A user's (or another test's) subclass keeps its parent's name and kernel; the full suite once said
+    "use 'momentum' or 'momentum' or 'momentum' or 'momentum' or 'nesterov'"."""
+    type("MyMomentum", (o.REGISTRY["momentum"],), {})
+    _raises(r"momentum is fixed to 0.0 by the name 'sgd'; use 'momentum' or 'nesterov', got 0.9", "sgd", momentum=0.9)
