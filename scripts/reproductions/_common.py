@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # a script: files only, no window
 
 import numpy as np
+import pytorch_lightning as pl
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: where the figures and "wrote ..." paths are
 FIGURES = ROOT / "docs" / "figures"
@@ -122,3 +123,13 @@ def save(fig, path: Path) -> Path:
     fig.savefig(path)
     print(f"wrote {shown(path)}")
     return path
+
+
+class Curves(pl.Callback):
+    """Each member's val_loss and val_acc after every epoch (``PopulationTask.last``, after the epoch's validation)."""
+
+    def __init__(self):
+        self.rows: list[list[dict]] = []
+
+    def on_train_epoch_end(self, trainer, module):
+        self.rows.append([dict(module.last[k]) for k in range(module.k)])

@@ -19,9 +19,8 @@ import io
 import statistics
 
 import numpy as np
-import pytorch_lightning as pl
 
-from ._common import compose, figure, save, table, write_json
+from ._common import Curves, compose, figure, save, table, write_json
 
 # each arm's member settings beside lr and seed: the five orders, and the curriculum ranked within each class
 ARMS = {"shuffle": {"data.order": "shuffle"}, "fixed": {"data.order": "fixed"},
@@ -43,16 +42,6 @@ def defaults(a) -> None:
     a.lrs = {name: LRS[name][:1] if q else LRS[name] for name in a.optimizers}
     a.pace = max(1, a.epochs // 3)
     a.num_samples = 1000 if q else 5000
-
-
-class Curves(pl.Callback):
-    """Each member's val_loss and val_acc after every epoch (``PopulationTask.last``, after the epoch's validation)."""
-
-    def __init__(self):
-        self.rows: list[list[dict]] = []
-
-    def on_train_epoch_end(self, trainer, module):
-        self.rows.append([dict(module.last[k]) for k in range(module.k)])
 
 
 def run(args) -> dict:

@@ -22,9 +22,8 @@ import contextlib
 import io
 
 import numpy as np
-import pytorch_lightning as pl
 
-from ._common import COLORS, compose, figure, save, table, write_json
+from ._common import COLORS, Curves, compose, figure, save, table, write_json
 
 LRS = {"sgd": [0.03, 0.1, 0.3], "momentum": [0.01, 0.03, 0.1], "adam": [3e-4, 1e-3, 3e-3],
        "rmsprop": [1e-4, 3e-4, 1e-3], "adagrad": [3e-3, 1e-2, 3e-2]}
@@ -42,16 +41,6 @@ def defaults(a) -> None:
     a.patience = 1 if q else 5
     a.patiences = (1, 2) if q else PATIENCES
     a.num_samples = 1000 if q else 5000
-
-
-class Curves(pl.Callback):
-    """Each member's val_loss and val_acc after every epoch (``PopulationTask.last``, after the epoch's validation)."""
-
-    def __init__(self):
-        self.rows: list[list[dict]] = []
-
-    def on_train_epoch_end(self, trainer, module):
-        self.rows.append([dict(module.last[k]) for k in range(module.k)])
 
 
 def reference_stop(values: list[float], patience: int, mode: str = "min") -> tuple[int | None, int]:

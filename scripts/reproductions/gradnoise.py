@@ -20,9 +20,8 @@ import io
 import math
 import statistics
 
-import pytorch_lightning as pl
 
-from ._common import compose, figure, save, table, write_json
+from ._common import Curves, compose, figure, save, table, write_json
 
 ETAS = (0.0, 0.01, 0.3, 1.0)
 LRS = {"sgd": [0.01, 0.03, 0.1], "adam": [1e-4, 1e-3, 1e-2]}
@@ -40,16 +39,6 @@ def defaults(a) -> None:
     a.etas = [0.0, 1.0] if q else list(ETAS)
     a.inits = ["zero"] if q else list(INITS)
     a.depth = 20
-
-
-class Curves(pl.Callback):
-    """Each member's val_loss and val_acc after every epoch (``PopulationTask.last``, after the epoch's validation)."""
-
-    def __init__(self):
-        self.rows: list[list[dict]] = []
-
-    def on_train_epoch_end(self, trainer, module):
-        self.rows.append([dict(module.last[k]) for k in range(module.k)])
 
 
 def run(args) -> dict:
