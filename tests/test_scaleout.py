@@ -571,9 +571,10 @@ def test_the_stack_runs_natively(tmp_path, postgres_url, postgres_db_url):
             assert time.monotonic() < deadline, "the SLURM task never ran a trial:\n" + task_log.read_text()[-3000:]
             try:
                 study = optuna.load_study(study_name=name, storage=open_storage(storage)[0])
-                # a trial is RUNNING from Optuna's ask, a moment before the worker records itself on it
+                # a trial is RUNNING from Optuna's ask, a moment before the worker records itself on it and suggests
+                # its params: wait for both, so that the kill lands mid-trial and the retry has params to compare
                 running = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                                if "worker" in t.user_attrs), None)
+                                if "worker" in t.user_attrs and t.params), None)
             except KeyError:
                 pass
             time.sleep(0.2)
