@@ -109,6 +109,9 @@ def heatmap(arrays: dict, path: Path, title: str = "") -> Path:
     # each record stands for the steps up to the next one
     x = np.append(steps, steps[-1] + max(1, steps[-1] - steps[-2] if len(steps) > 1 else 1))
     fig = Figure(figsize=(7, 4), dpi=110)
+    # fixed margins that fit the labels: tight_layout measured every text of the figure, half of its 0.3 s (a
+    # population of 144 members draws 144 of these)
+    fig.subplots_adjust(left=0.09, right=0.91, bottom=0.12, top=0.92)
     ax = fig.add_subplot()
     shown = np.ma.masked_less_equal(frac.T, 0)
     mesh = ax.pcolormesh(x, edges, shown, norm=LogNorm(vmin=max(shown.min(), 1e-6), vmax=1), cmap="viridis")
@@ -128,8 +131,7 @@ def heatmap(arrays: dict, path: Path, title: str = "") -> Path:
     ax.set(ylim=(lo, hi), xlabel="training step", ylabel="log10 effective learning rate",
            title=title or "effective learning rates")
     ax.legend(loc="upper right", fontsize=8)
-    fig.colorbar(mesh, ax=ax, label="fraction of elements")
-    fig.tight_layout()
+    fig.colorbar(mesh, ax=ax, label="fraction of elements", fraction=0.08, pad=0.02)
     fig.savefig(path)
     return path
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
+from optstudy import _store_template
 from optstudy.errors import OptstudyError
 
 DEFAULT_DB = "mlflow.db"
@@ -225,6 +226,7 @@ class MLflowLogger(Logger):
         _quiet_mlflow()
         from mlflow import MlflowClient
 
+        _store_template.seed(self.uri)  # a new SQLite store as a copy of an empty one: MLflow's migrations take 1.8 s
         self._client = MlflowClient(self.uri)
         if self._run_id is not None:  # resuming: the run continues
             self._client.update_run(self._run_id, status="RUNNING")

@@ -26,13 +26,15 @@ def _schedule(params: dict) -> BoundSchedule:
     return schedule
 
 
-def _adabound_kernel(p, g, m, v, *v_max, step_size, lo, hi, beta1, beta2, eps, wd, decay):
+def _adabound_kernel(p, g, m, v, *v_max, step_size, lo, hi, beta1, beta2, gain1, gain2, eps, wd, decay):
     g = coupled_decay(p, g, wd, decay)
-    ema_(m, g, beta1)
-    ema_sq_(v, g, beta2)
+    ema_(m, g, beta1, gain1)
+    ema_sq_(v, g, beta2, gain2)
     if v_max:
         v = max_(v_max[0], v)
-    p.sub_(clip_(step_size / (v.sqrt() + eps), lo, hi) * m)
+    # torch computes a number over a tensor as the tensor's reciprocal times the number: written so, a member's
+    # per-member step_size (a tensor) rounds as its standalone run's number does
+    p.sub_(clip_((v.sqrt() + eps).reciprocal() * step_size, lo, hi) * m)
 
 
 class AdaBound(_AdamBase):
@@ -101,8 +103,8 @@ class AdaBound(_AdamBase):
         bc1, bc2 = self.corrections(group, state)
         beta1, beta2 = group["betas"]
         lo, hi = self.bounds(group, state["step"])
-        return dict(step_size=group["lr"] * sqrt(bc2) / bc1, lo=lo, hi=hi, beta1=beta1,
-                    beta2=beta2, eps=num(group["eps"]))
+        return dict(step_size=group["lr"] * sqrt(bc2) / bc1, lo=lo, hi=hi, beta1=beta1, beta2=beta2,
+                    gain1=1 - beta1, gain2=1 - beta2, eps=num(group["eps"]))
 
     def _raw_lr(self, state, s) -> torch.Tensor:
         v = state.get("max_exp_avg_sq", state["exp_avg_sq"])

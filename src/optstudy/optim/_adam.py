@@ -9,10 +9,10 @@ from optstudy.optim._pieces import coupled_decay, ema_, ema_sq_, max_, num, sqrt
 from optstudy.optim._rules import fail
 
 
-def _adam_kernel(p, g, m, v, *v_max, step_size, bc2_sqrt, beta1, beta2, eps, wd, decay):
+def _adam_kernel(p, g, m, v, *v_max, step_size, bc2_sqrt, beta1, beta2, gain1, gain2, eps, wd, decay):
     g = coupled_decay(p, g, wd, decay)
-    ema_(m, g, beta1)
-    ema_sq_(v, g, beta2)
+    ema_(m, g, beta1, gain1)
+    ema_sq_(v, g, beta2, gain2)
     if v_max:
         v = max_(v_max[0], v)
     p.sub_(m / (v.sqrt() / bc2_sqrt + eps) * step_size)
@@ -67,8 +67,8 @@ class Adam(_AdamBase):
     def scalars(self, group, state):
         bc1, bc2 = self.corrections(group, state) if group["bias_correction"] else (1.0, 1.0)
         beta1, beta2 = group["betas"]
-        return dict(step_size=group["lr"] / bc1, bc2_sqrt=sqrt(bc2), beta1=beta1, beta2=beta2,
-                    eps=num(group["eps"]))
+        return dict(step_size=group["lr"] / bc1, bc2_sqrt=sqrt(bc2), beta1=beta1, beta2=beta2, gain1=1 - beta1,
+                    gain2=1 - beta2, eps=num(group["eps"]))
 
     def effective_lr(self, p, state, group, s):
         v = state.get("max_exp_avg_sq", state["exp_avg_sq"])
@@ -81,9 +81,9 @@ class AMSGrad(Adam):
     FIXED = dict(amsgrad=True)
 
 
-def _adamax_kernel(p, g, m, u, *, clr, beta1, beta2, eps, wd, decay):
+def _adamax_kernel(p, g, m, u, *, clr, beta1, beta2, gain1, eps, wd, decay):
     g = coupled_decay(p, g, wd, decay)
-    ema_(m, g, beta1)
+    ema_(m, g, beta1, gain1)
     u.copy_(torch.maximum(u * beta2, g.abs() + eps))
     p.sub_(m / u * clr)
 
@@ -108,16 +108,16 @@ class Adamax(_AdamBase):
     def scalars(self, group, state):
         bc1, _ = self.corrections(group, state)
         beta1, beta2 = group["betas"]
-        return dict(clr=group["lr"] / bc1, beta1=beta1, beta2=beta2, eps=num(group["eps"]))
+        return dict(clr=group["lr"] / bc1, beta1=beta1, beta2=beta2, gain1=1 - beta1, eps=num(group["eps"]))
 
     def effective_lr(self, p, state, group, s):
         return s["clr"] / state["exp_inf"]
 
 
-def _nadam_kernel(p, g, m, v, *, c_g, c_m, bc2, beta1, beta2, eps, wd, decay, **_):  # _: lr, mu, mu_product
+def _nadam_kernel(p, g, m, v, *, c_g, c_m, bc2, beta1, beta2, gain1, gain2, eps, wd, decay, **_):  # _: lr, mu, ...
     g = coupled_decay(p, g, wd, decay)
-    ema_(m, g, beta1)
-    ema_sq_(v, g, beta2)
+    ema_(m, g, beta1, gain1)
+    ema_sq_(v, g, beta2, gain2)
     d = (v / bc2).sqrt() + eps
     p.add_(g / d * c_g + m / d * c_m)
 
@@ -156,7 +156,8 @@ class NAdam(_AdamBase):
         mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
         prod = state["mu_product"] * mu
         return dict(c_g=-lr * (1.0 - mu) / (1.0 - prod), c_m=-lr * mu_next / (1.0 - prod * mu_next),
-                    bc2=1 - beta2**t, beta1=beta1, beta2=beta2, eps=num(group["eps"]), lr=lr,
+                    bc2=1 - beta2**t, beta1=beta1, beta2=beta2, gain1=1 - beta1, gain2=1 - beta2,
+                    eps=num(group["eps"]), lr=lr,
                     mu_product=prod, mu=mu)
 
     def after_kernel(self, state, group, s):

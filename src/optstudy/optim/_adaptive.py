@@ -60,11 +60,11 @@ class Adagrad(CoreOptimizer):
         return s["clr"] / state["sum"].sqrt().add_(s["eps"])
 
 
-def _adadelta_kernel(p, g, a, u, u_next, *, lr, rho, eps, wd, decay):
+def _adadelta_kernel(p, g, a, u, u_next, *, lr, rho, gain, eps, wd, decay):
     g = coupled_decay(p, g, wd, decay)
-    ema_sq_(a, g, rho)
+    ema_sq_(a, g, rho, gain)
     delta = (u + eps).sqrt() / (a + eps).sqrt() * g
-    u_next.copy_(u * rho + delta * delta * (1 - rho))
+    u_next.copy_(u * rho + delta * delta * gain)
     p.sub_(delta * lr)
 
 
@@ -88,7 +88,8 @@ class Adadelta(CoreOptimizer):
         return ("square_avg", "acc_delta", "acc_delta_prev")
 
     def scalars(self, group, state):
-        return dict(lr=group["lr"], rho=num(group["rho"]), eps=num(group["eps"]))
+        rho = num(group["rho"])
+        return dict(lr=group["lr"], rho=rho, gain=1 - rho, eps=num(group["eps"]))
 
     def after_kernel(self, state, group, s):
         # the kernel read u from acc_delta and wrote the new u into acc_delta_prev: swap so that "acc_delta" is the
@@ -107,13 +108,13 @@ class Adadelta(CoreOptimizer):
         return u_prev.add(s["eps"]).sqrt_().div_(a.add(s["eps"]).sqrt_()).mul_(s["lr"])
 
 
-def _rmsprop_kernel(p, g, a, *rest, lr, alpha, eps, momentum, centered, wd, decay):
+def _rmsprop_kernel(p, g, a, *rest, lr, alpha, gain, eps, momentum, centered, wd, decay):
     g = coupled_decay(p, g, wd, decay)
-    ema_sq_(a, g, alpha)
+    ema_sq_(a, g, alpha, gain)
     rest = list(rest)
     if centered:
         g_avg = rest.pop(0)
-        ema_(g_avg, g, alpha)
+        ema_(g_avg, g, alpha, gain)
         d = (a - g_avg * g_avg).sqrt() + eps
     else:
         d = a.sqrt() + eps
@@ -147,7 +148,8 @@ class RMSprop(CoreOptimizer):
             ("momentum_buffer",) if group["momentum"] > 0 else ())
 
     def scalars(self, group, state):
-        return dict(lr=group["lr"], alpha=num(group["alpha"]), eps=num(group["eps"]),
+        alpha = num(group["alpha"])
+        return dict(lr=group["lr"], alpha=alpha, gain=1 - alpha, eps=num(group["eps"]),
                     momentum=num(group["momentum"]), centered=bool(group["centered"]))
 
     def effective_lr(self, p, state, group, s):

@@ -7,8 +7,10 @@ that torch's LR schedulers, which compute ``base_lr * factor``, scale every memb
 schedulers fill in place with a single number. Flags (``nesterov``, ``centered``, ...) are shared by the population.
 
 The step computes member k's scalars with the optimizer's own ``scalars`` on a *view* of the group holding member
-k's numbers (the same Python floats as member k's standalone run), then stacks the values that differ into float64
-tensors shaped ``(K, 1, ..., 1)``; the kernels, unchanged, broadcast them over the member dimension.
+k's numbers (the same Python floats as member k's standalone run), then stacks the values that differ into tensors
+shaped ``(K, 1, ..., 1)`` of the parameters' compute dtype (``compute_dtype``: float32 for float32 parameters, each
+number rounded once, as each op of the standalone run rounds its Python float); the kernels, unchanged, broadcast them
+over the member dimension.
 """
 
 from __future__ import annotations
@@ -182,13 +184,13 @@ def merge_all(rows: list[dict], owner: str) -> dict:
 
 
 def shaped(s: dict, like: torch.Tensor, cache: dict | None = None) -> dict:
-    """The step's scalars for a tensor of the population: per-member values as float64 tensors ``(K, 1, ..., 1)``
-    on ``like``'s device, which broadcast over its member dimension; shared values as they are."""
-    key = (like.dim(), like.device)
+    """The step's scalars for a tensor of the population: per-member values as tensors ``(K, 1, ..., 1)`` of
+    ``like``'s compute dtype on its device, which broadcast over its member dimension; shared values as they are."""
+    key = (like.dim(), like.device, like.dtype)
     if cache is not None and key in cache:
         return cache[key]
     shape = (-1,) + (1,) * (like.dim() - 1)
-    dtype = torch.float32 if like.device.type == "mps" else torch.float64  # MPS has no float64
+    dtype = compute_dtype(like)
     out = {}
     for name, v in s.items():
         if isinstance(v, np.ndarray):
@@ -199,6 +201,14 @@ def shaped(s: dict, like: torch.Tensor, cache: dict | None = None) -> dict:
     if cache is not None:
         cache[key] = out
     return out
+
+
+def compute_dtype(like: torch.Tensor) -> torch.dtype:
+    """The dtype in which an op on ``like`` computes with a Python float, which it rounds to that dtype: float64 for
+    float64 (and a complex128's real view), float32 otherwise (float16 and bfloat16 compute in float32; MPS has no
+    float64). Per-member values in this dtype round as member k's standalone run rounds its numbers. In float64 they
+    made every op of a float32 population compute in float64 and cast back, a third of a K = 144 MNIST-1D Adam step."""
+    return torch.float64 if like.dtype == torch.float64 and like.device.type != "mps" else torch.float32
 
 
 def selected(value, keep: np.ndarray, old: int | None = None):

@@ -3,6 +3,10 @@
 They are plain functions so that ``torch.compile`` inlines them into one fused loop per tensor. Eagerly, the step's
 numbers are Python floats; compiled, they are 0-d tensors (see ``_compiled.py``), so they enter only through tensor
 arithmetic (``x * f``), never as ``alpha=``/``value=`` weights, which take numbers only.
+
+Kernels do no arithmetic between scalars: ``scalars`` computes every number a kernel multiplies by (``gain`` = 1-β).
+In a population the numbers reach the kernels as tensors of the parameters' compute dtype (``_members.shaped``), and
+``1 - β`` on a float32 β would round otherwise than the Python float of the member's standalone run.
 """
 
 from __future__ import annotations
@@ -37,14 +41,14 @@ def coupled_decay(p, g, wd, decay):
     return g
 
 
-def ema_(m, g, beta):
-    """First-moment trace: ``m ← β·m + (1-β)·g``."""
-    m.mul_(beta).add_(g * (1 - beta))
+def ema_(m, g, beta, gain):
+    """First-moment trace: ``m ← β·m + (1-β)·g``, with ``gain`` = 1-β from the step's scalars."""
+    m.mul_(beta).add_(g * gain)
 
 
-def ema_sq_(v, g, beta):
-    """Second-moment trace: ``v ← β·v + (1-β)·g²``."""
-    v.mul_(beta).add_(g * g * (1 - beta))
+def ema_sq_(v, g, beta, gain):
+    """Second-moment trace: ``v ← β·v + (1-β)·g²``, with ``gain`` = 1-β from the step's scalars."""
+    v.mul_(beta).add_(g * g * gain)
 
 
 def clip_(x, lo, hi):
