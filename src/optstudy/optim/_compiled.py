@@ -117,8 +117,9 @@ def _runner(kernel: Callable, width: int, names: tuple[str, ...], static: tuple,
 
 
 def _scalar_dtype(device: torch.device) -> torch.dtype:
-    # float64, like the Python floats of the eager kernel: ``1 - beta1`` then rounds the way it does there (scalars
-    # in float32 made float32 trajectories drift apart by ~1e-4 relative in 20 steps). MPS has no float64.
+    # float64, like the Python floats of the eager kernel (0-d: each op rounds it to the parameters' dtype, as it
+    # rounds a number). Scalars computed in float32 (``1 - beta1`` when kernels still computed it) made float32
+    # trajectories drift apart by ~1e-4 relative in 20 steps. MPS has no float64.
     return torch.float32 if device.type == "mps" else torch.float64
 
 
