@@ -206,8 +206,7 @@ def test_a_zero_delay_through_the_simulator_is_the_plain_run_bit_for_bit(tmp_pat
 @pytest.mark.parametrize("delay_value", ["trainer.delay=5", RANDOM])
 def test_resume_from_a_checkpoint_equals_the_run_that_never_stopped(delay_value, tmp_path):
     """The gradients in flight at the end of epoch 2 are in the checkpoint; epochs 3-4 apply them as the straight
-    run does: bit-identical. At float32: resuming at 64-true rounds the weights to float32 whatever the delay
-    (Lightning loads the checkpoint into the module before converting it to float64), which is not this feature's."""
+    run does: bit-identical (at float32; 64-true resumes exactly too, ``tests/test_resume_precision.py``)."""
     common = ["optimizer=adam", "optimizer.lr=0.01", delay_value, "logger=none"]
     straight = train(compose([*common, "trainer.max_epochs=4", f"checkpoint.dir={tmp_path / 'a'}"]))
     train(compose([*common, "trainer.max_epochs=2", f"checkpoint.dir={tmp_path / 'b'}"]))

@@ -285,6 +285,10 @@ class Task(pl.LightningModule):
             checkpoint["optstudy_delay"] = self.delay_line.state_dict()
 
     def on_load_checkpoint(self, checkpoint):
+        # Lightning restores the weights into the module before its precision plugin converts the module: converted
+        # first, a 64-true run's weights load without a detour through float32 (the later conversion is then a no-op)
+        if self._trainer is not None:
+            self.trainer.precision_plugin.convert_module(self)
         saved = checkpoint.get("optstudy_delay")
         if (saved is None) != (self.delay_line is None):
             raise ConfigError(f"trainer.delay must be the checkpoint's ({saved['spec'] if saved else 0}) to resume it "
