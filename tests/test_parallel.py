@@ -28,7 +28,7 @@ from optstudy import models, optim
 from optstudy.config import compose, optimizer_kwargs, validate
 from optstudy.errors import ConfigError
 from optstudy.lit import EpochShuffle
-from optstudy.parallel.loop import Shard
+from optstudy.parallel.loop import Optimizer, Shard
 from optstudy.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +57,27 @@ def test_shards_follow_epoch_shuffle():
             theirs.set_epoch(epoch)
             ours.set_epoch(epoch)
             assert list(ours) == list(theirs) and len(ours) == len(theirs)
+
+
+def test_each_process_draws_its_own_gradient_noise():
+    """Hogwild's and EASGD's processes each add their own noise (each gradient has its own in Neelakantan et al.);
+    process 0 draws the plain run's, so that one process is the plain run."""
+    cfg = compose(["optimizer=sgd", "optimizer.grad_noise.eta=0.5", "seed=3"])
+
+    def stepped(rank):
+        p = torch.zeros(50, requires_grad=True)
+        opt = Optimizer(cfg, [p], rank) if rank is not None else None
+        if opt is None:
+            kwargs = optimizer_kwargs(cfg, notes=False)
+            opt = optim.build(kwargs.pop("name"), [p], **kwargs)
+        p.grad = torch.ones(50)
+        opt.step()
+        return p.detach().clone()
+
+    plain, first, second, third = stepped(None), stepped(0), stepped(1), stepped(2)
+    assert torch.equal(first, plain)
+    assert not torch.equal(second, first) and not torch.equal(third, second) and not torch.equal(third, first)
+    assert torch.equal(stepped(1), second)  # a stream, not chance: the same rank draws the same noise
 
 
 @pytest.mark.parametrize("override, message", [

@@ -153,6 +153,12 @@ def key(seed: int, index: int, t: int) -> int:
     return _splitmix(_splitmix(_splitmix(int(seed)) ^ int(index)) ^ int(t))
 
 
+def worker_seed(seed: int, rank: int) -> int:
+    """The noise seed of process ``rank`` of a parallel run seeded ``seed``: each process draws its own noise, as each
+    gradient of Neelakantan et al. has its own; rank 0 keeps ``seed``, so one process is the plain run."""
+    return int(seed) if rank == 0 else (_splitmix(_splitmix(int(seed)) ^ int(rank)) & 0xFFFFFFFF)  # a seed's range
+
+
 _generators: dict[torch.device, torch.Generator] = {}
 
 

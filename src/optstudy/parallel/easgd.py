@@ -69,7 +69,7 @@ def _process(rank: int, world: int, reports, cfg, built, out: Path) -> None:
 def _sync_worker(p: loop.Problem, rank: int, n: int, record: loop.Report | None, out: Path) -> None:
     """Worker ``rank`` of synchronous EASGD; ``record``: rank 0's reports to the parent (None elsewhere)."""
     cfg, alpha, tau = p.cfg, float(p.cfg.trainer.alpha), p.cfg.trainer.tau
-    opt = loop.Optimizer(cfg, p.model.parameters())
+    opt = loop.Optimizer(cfg, p.model.parameters(), rank)
     loader = loop.shard(p, rank, n)
     centre = loop.flat(p.model).clone()  # x̃, the same on every rank (same θ_0, same all-reduced sums)
     centre_model = copy.deepcopy(p.model)  # rank 0 validates x̃ in it
@@ -150,7 +150,7 @@ def _server(p: loop.Problem, workers: int, record: loop.Report, out: Path) -> No
 
 def _async_worker(p: loop.Problem, index: int, workers: int) -> None:
     cfg, tau = p.cfg, p.cfg.trainer.tau
-    opt = loop.Optimizer(cfg, p.model.parameters())
+    opt = loop.Optimizer(cfg, p.model.parameters(), index)
     loader = loop.shard(p, index, workers)
     numel = sum(q.numel() for q in p.model.parameters())
     diverged = loop.Divergence(cfg, p.task, f"worker {index}")

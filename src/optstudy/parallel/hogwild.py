@@ -57,7 +57,7 @@ def run(cfg, built, out: Path, tmp: Path, on_report) -> None:
 
 def _process(rank: int, world: int, reports, cfg, data, model, shared, out: Path) -> None:
     p = loop.problem(cfg, 0, built=(data, model))  # the shared model, as it is (moving it would un-share it)
-    opt = loop.Optimizer(cfg, p.model.parameters())  # this process's own state (module docstring: why)
+    opt = loop.Optimizer(cfg, p.model.parameters(), rank)  # this process's own state (module docstring: why)
     loader = loop.shard(p, rank, world)
     version, report = shared["version"], loop.report(reports, rank, cfg)
     delays = loop.Delays()

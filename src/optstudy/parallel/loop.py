@@ -32,6 +32,7 @@ from optstudy import data as datasets
 from optstudy import models, optim
 from optstudy.config import optimizer_kwargs
 from optstudy.errors import OptstudyError
+from optstudy.optim import _noise
 
 SMALL_MODEL = 1_000_000  # parameters: optstudy.train.SMALL_MODEL
 
@@ -201,10 +202,14 @@ def metric_names(data, model) -> tuple[str, ...]:
 # --- the optimizer ----------------------------------------------------------------------------------------------
 class Optimizer:
     """The core optimizer ``cfg.optimizer`` over ``params`` with ``cfg.scheduler``, stepped per update ("step"
-    schedules) or per epoch ("epoch" schedules) by whoever applies updates."""
+    schedules) or per epoch ("epoch" schedules) by whoever applies updates; ``rank``: the process's, whose gradient
+    noise (``optimizer.grad_noise``) is its own stream."""
 
-    def __init__(self, cfg, params):
+    def __init__(self, cfg, params, rank: int = 0):
         kwargs = optimizer_kwargs(cfg, notes=False)
+        noise = kwargs.get("grad_noise")
+        if rank and isinstance(noise, dict) and noise.get("seed") is not None:
+            kwargs["grad_noise"] = {**noise, "seed": _noise.worker_seed(noise["seed"], rank)}
         self.opt = optim.build(kwargs.pop("name"), params, **kwargs)
         sched = None
         if (cfg.get("scheduler") or {}).get("name", "constant") != "constant":
