@@ -71,7 +71,7 @@ def test_processes_starting_at_once_on_one_new_store_both_find_it_whole(tmp_path
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".shared")] == []  # no copies left behind
     with sqlite3.connect(target) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        assert conn.execute("SELECT count(*) FROM experiments").fetchone() == (0,)
+        assert conn.execute("SELECT experiment_id, name FROM experiments").fetchall() == [(0, "Default")]
 
 
 def _umask() -> int:

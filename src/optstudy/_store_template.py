@@ -3,10 +3,11 @@
 MLflow makes a new SQLite store by running its schema migrations one by one: 1.8 s of every new study's and every
 first run's start-up on this machine (a third of a population study worker's start-up besides its imports). The first
 time, ``seed`` has MLflow make an empty store once per MLflow version, without experiments, under
-``$OPTSTUDY_CACHE/mlflow`` (else ``~/.cache/optstudy/mlflow``); from then on a new store is a copy of it (~5 ms), on
-which MLflow creates its Default experiment itself (its artifact location is relative to where the run starts).
-Copies appear under their name whole or not at all (``os.link`` of a finished file), so two processes starting at
-once on the same new file both find it complete. Anything that goes wrong leaves the store to MLflow.
+``$OPTSTUDY_CACHE/mlflow`` (else ``~/.cache/optstudy/mlflow``); from then on a new store is a copy of it (~20 ms), in
+which MLflow creates its Default experiment (its artifact location is relative to where the run starts) before the
+copy takes its name. Copies appear under their name whole, Default experiment included, or not at all (``os.link``
+of a finished file): two processes starting at once on the same new file both find it complete, and neither creates
+the Default experiment beside the other. Anything that goes wrong leaves the store to MLflow.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def seed(uri: str) -> bool:
         template = _template()
         path.parent.mkdir(parents=True, exist_ok=True)
         return _place(template, path)
-    except (OSError, sqlite3.Error, ImportError) as exc:  # MLflow makes the store itself, as without us
+    except Exception as exc:  # noqa: BLE001 (MLflow makes the store itself, as without us)
         log.debug("no SQLite template for %s: %s", uri, exc)
         return False
 
@@ -80,6 +81,7 @@ def _place(template: Path, path: Path) -> bool:
     try:
         with open(template, "rb") as src, open(tmp, "xb") as dst:  # the umask's mode, as MLflow's own file
             shutil.copyfileobj(src, dst)
+        _open(tmp)
         try:
             os.link(tmp, path)  # fails if the file appeared meanwhile: then that one stays
         except FileExistsError:
@@ -87,3 +89,10 @@ def _place(template: Path, path: Path) -> bool:
         return True
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _open(db: Path) -> None:
+    """MLflow opens the copy as a client of this process would (its Default experiment made there), then lets go."""
+    from mlflow.tracking._tracking_service.utils import _get_sqlalchemy_store
+
+    _get_sqlalchemy_store(f"sqlite:///{db}", None).engine.dispose()
