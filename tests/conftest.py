@@ -16,6 +16,18 @@ def _isolated(monkeypatch, tmp_path, mlflow_uri):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture
+def float64_default():
+    """torch's default dtype float64 for the test, restored after: tests that compare with references or standalone
+    runs at float64 build their tensors and models in it."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 @pytest.fixture(scope="session")
 def postgres_url():
     """SQLAlchemy URL (postgresql+psycopg://...) of the `optuna` database of a PostgreSQL server:

@@ -20,12 +20,9 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from optstudy import _cache
+
 log = logging.getLogger(__name__)
-
-
-def template_dir() -> Path:
-    root = os.environ.get("OPTSTUDY_CACHE")
-    return Path(root).expanduser() / "mlflow" if root else Path.home() / ".cache" / "optstudy" / "mlflow"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -54,7 +51,7 @@ def seed(uri: str) -> bool:
 def _template() -> Path:
     import mlflow
 
-    path = template_dir() / f"empty-mlflow-{mlflow.__version__}.db"
+    path = _cache.cache_dir("mlflow") / f"empty-mlflow-{mlflow.__version__}.db"
     if not path.exists():
         _make(path)
     return path

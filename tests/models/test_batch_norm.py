@@ -24,12 +24,7 @@ SMALL = {"mlp": {"hidden": [16, 12]}, "cnn": {"channels": [4, 8], "hidden": 16}}
 K, B = 3, 8
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # tests/conftest.py
 
 
 def build(name, seed=0, **params):

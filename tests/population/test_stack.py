@@ -25,12 +25,7 @@ CLASSIFIERS = {
 FORWARD_RTOL, GRAD_RTOL = 1e-12, 1e-10
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # tests/conftest.py
 
 
 def build(name: str, seed: int, data: Data = DIGITS, **params):

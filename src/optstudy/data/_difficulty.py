@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from optstudy import _cache
 from optstudy.errors import ConfigError
 
 # the reference run, fixed: changing any of these changes the cache key, never a cached file's meaning
@@ -36,10 +37,7 @@ REFERENCE = {"method": "logreg", "lr": 0.01, "batch_size": 64, "seed": 0, "versi
 
 def cache_dir(configured: str | None = None) -> Path:
     """Where reference scores are kept (module docstring)."""
-    if configured:
-        return Path(configured).expanduser()
-    root = os.environ.get("OPTSTUDY_CACHE")
-    return Path(root).expanduser() / "difficulty" if root else Path.home() / ".cache" / "optstudy" / "difficulty"
+    return Path(configured).expanduser() if configured else _cache.cache_dir("difficulty")
 
 
 def scores(data, curriculum: dict, quiet: bool = False) -> torch.Tensor:
