@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -173,6 +174,24 @@ def test_easgd_with_alpha_zero_equals_independent_local_runs(tmp_path, mlflow_ur
     initial = models.build(cfg.model, datasets.load(cfg.data, cfg.seed)).double().state_dict()
     for key, value in initial.items():  # alpha = 0: the centre never moves
         assert torch.equal(saved["state_dict"][f"model.{key}"], value)
+
+
+@pytest.mark.parametrize("variant", ["sync", "async"])
+def test_easgd_logs_worker_0s_effective_learning_rates(tmp_path, mlflow_uri, variant):
+    """Worker 0's optimizer applies updates in both variants (async: in its own process, not the server's): its
+    ``lr/g*`` and effective lrs are the run's, its t-th update at run step 2 t (2 workers), the last at the step of
+    the last ``val_loss``; the histograms are the run's ``eff_lr_histograms.npz``."""
+    result = train(_cfg(tmp_path, "trainer=easgd", f"trainer.variant={variant}", "trainer.tau=2"))
+    client = MlflowClient(mlflow_uri)
+    status, names = _metrics(mlflow_uri, result.run_id)
+    assert status == "FINISHED" and {"lr/g0", "eff_lr/g0/p50", "eff_lr/g0/min", "eff_lr/g0/max"} <= names
+    assert "eff_lr_histograms.npz" in {a.path for a in client.list_artifacts(result.run_id)}
+    arrays = np.load(client.download_artifacts(result.run_id, "eff_lr_histograms.npz", str(tmp_path)))
+    # 2 epochs x 6 updates; eff_lr_every_n_steps=2: worker 0's first, every 2nd and its last (t = 12)
+    assert arrays["steps"].tolist() == [2 * t for t in (1, 2, 4, 6, 8, 10, 12)]
+    assert [m.step for m in client.get_metric_history(result.run_id, "eff_lr/g0/p50")] == arrays["steps"].tolist()
+    assert [m.step for m in client.get_metric_history(result.run_id, "lr/g0")] == [4, 8, 12, 16, 20]  # exchanges
+    assert client.get_metric_history(result.run_id, "val_loss")[-1].step == 24
 
 
 # --- a killed worker --------------------------------------------------------------------------------------------

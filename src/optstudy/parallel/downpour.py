@@ -63,30 +63,26 @@ def _server(p: loop.Problem, workers: int, report: loop.Report, out: Path) -> No
     extra, every = cfg.trainer.push_every, cfg.trainer.log_every_n_steps
     epochs = m.EpochCounter(workers, loop.steps_per_epoch(p, loop.shard(p, 0, workers)), cfg.trainer.max_epochs)
     delays, diverged = loop.Delays(), loop.Divergence(cfg, p.task, "the parameter server")
-    version, done = 0, 0  # updates applied; workers finished
-    while done < workers:
-        src, h = m.receive_header(extra)
-        kind, k, loss, worker_step, counted = int(h[0]), int(h[1]), float(h[2]), int(h[3]), int(h[4])
-        if kind == m.PULL:
+    version = 0  # updates applied
+    for src, h in m.serve(workers, extra):
+        if h.kind == m.PULL:
             m.send(torch.tensor([float(version)], dtype=torch.float64), src, m.TAG_VERSION)
             m.send(loop.flat(p.model), src, m.TAG_REPLY)
-        elif kind == m.PUSH:
+        elif h.kind == m.PUSH:
             loop.set_flat_grad(p.model, m.receive(numel, p.dtype, src, m.TAG_PAYLOAD))
             opt.step()
             loop.project(p.model)
-            for v in h[m.HEADER:m.HEADER + k].tolist():
-                delays.add(version - int(v))  # updates applied since the parameters this gradient saw
+            for v in h.versions:
+                delays.add(version - v)  # updates applied since the parameters this gradient saw
             version += 1
-            diverged.check(loss, epochs.epoch, version)
-            step = epochs.counted + counted
-            report.log({f"worker{src - 1}/train_loss": loss}, worker_step)
+            diverged.check(h.loss, epochs.epoch, version)
+            step = epochs.counted + h.counted
+            report.log({f"worker{src - 1}/train_loss": h.loss}, h.worker_step)
             if version % every == 0:
-                report.log({"train_loss": loss, **loop.lrs(opt.opt)}, step)
+                report.log({"train_loss": h.loss, **loop.lrs(opt.opt)}, step)
                 report.delays(delays, step)
             report.effective_lr(opt.opt, version, step)
-        elif kind == m.DONE:
-            done += 1
-        for epoch in epochs.add(counted):
+        for epoch in epochs.add(h.counted):
             opt.end_epoch()
             report.delays(delays, epochs.counted)
             report.epoch(epoch, epochs.counted, loop.evaluate(p))

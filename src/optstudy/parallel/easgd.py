@@ -16,13 +16,25 @@ and the centre pull on each other with moving rate α = ``alpha`` (the paper's �
   other workers since this worker's previous exchange, i.e. how much newer the x̃ it is pulled to is than the last
   one it saw.
 
-α = 0 leaves every worker independent: each x_i equals a single-process run on its own shard (tests). The elastic
-step is not an optimizer's: effective learning rates are those of worker 0's optimizer (sync; async: none, the
-optimizers are in the workers' processes and the server has none). Curves: ``val_loss``/
-``val_acc`` of x̃ after each epoch of the workers together; ``train_loss`` the workers' mean loss since their last
-communication, ``worker{i}/train_loss`` each one's; worker 0's ``lr/g*`` and effective lrs. Step: gradients computed
-by all workers together. Checkpoint: x̃ (``state_dict``), every worker's x_i (``workers``) and worker 0's optimizer
-state at the end; no resume.
+α = 0 leaves every worker independent: each x_i equals a single-process run on its own shard (tests).
+
+Curves: ``val_loss``/``val_acc`` of x̃ after each epoch of the workers together; ``train_loss`` the workers' mean
+loss since their last communication, ``worker{i}/train_loss`` each one's (at its own step); ``lr/g*`` (at each
+communication but the first) and effective learning rates (``eff_lr/g*/...``, ``eff_lr_histograms.npz``) of worker
+0's optimizer, in both variants: the elastic step is not an optimizer's, the gradient updates are the workers' own
+optimizers'. Sync: rank 0 reports everything. Async: the server reports x̃'s curves, the losses and ``delay/*``;
+worker 0 reports its optimizer's curves to the parent itself (the server has no optimizer).
+
+Step: gradients computed by all workers together. Worker 0's t-th update is at step N·t, the gradients computed
+once every worker has made t updates. Sync: exactly when it happened (the workers step together). Async: where t
+updates of one worker belong on the run's x-axis, not the count at the moment it made them (worker 0 does not know
+the others' progress: the server's replies carry d_i only); the two agree while the workers keep pace, and at the
+end always (every worker makes as many updates: the last record is at the step of the last ``val_loss``). Async's
+``train_loss`` is at the count of gradients the workers have reported to the server by then. (Worker 0's own step t,
+as ``worker0/train_loss`` uses, would squeeze its lr curves into the first 1/N of the run's axis.)
+
+Checkpoint: x̃ (``state_dict``), every worker's x_i (``workers``) and worker 0's optimizer state at the end (sync;
+async: None, it stays in worker 0's process); no resume.
 """
 
 from __future__ import annotations
@@ -60,7 +72,7 @@ def _process(rank: int, world: int, reports, cfg, built, out: Path) -> None:
         elif rank == 0:
             _server(p, world - 1, loop.report(reports, 0, cfg), out)
         else:
-            _async_worker(p, rank - 1, world - 1)
+            _async_worker(p, rank - 1, world - 1, loop.report(reports, rank, cfg) if rank == 1 else None)
     finally:
         dist.destroy_process_group()
 
@@ -119,12 +131,10 @@ def _server(p: loop.Problem, workers: int, record: loop.Report, out: Path) -> No
     numel = centre.numel()
     epochs = m.EpochCounter(workers, loop.steps_per_epoch(p, loop.shard(p, 0, workers)), cfg.trainer.max_epochs)
     delays = loop.Delays()
-    updates, seen, done = 0, {}, 0  # centre updates; per worker: `updates` after its last exchange
+    updates, seen = 0, {}  # centre updates; per worker: `updates` after its last exchange
     final = [None] * workers
-    while done < workers:
-        src, h = m.receive_header(0)
-        kind, loss, worker_step, counted = int(h[0]), float(h[2]), int(h[3]), int(h[4])
-        if kind == m.EXCHANGE:
+    for src, h in m.serve(workers, 0):
+        if h.kind == m.EXCHANGE:
             x = m.receive(numel, p.dtype, src, m.TAG_PAYLOAD)
             d = alpha * (x - centre)
             centre += d
@@ -133,14 +143,12 @@ def _server(p: loop.Problem, workers: int, record: loop.Report, out: Path) -> No
                 delays.add(updates - seen[src])
             updates += 1
             seen[src] = updates
-        elif kind == m.DONE:
+        elif h.kind == m.DONE:
             final[src - 1] = m.receive(numel, p.dtype, src, m.TAG_PAYLOAD)
-            done += 1
-        if not math.isnan(loss):  # the header carries the worker's mean loss since its last message
-            step = epochs.counted + counted
-            record.log({"train_loss": loss}, step)
-            record.log({f"worker{src - 1}/train_loss": loss}, worker_step)
-        for epoch in epochs.add(counted):
+        if not math.isnan(h.loss):  # the header carries the worker's mean loss since its last message
+            record.log({"train_loss": h.loss}, epochs.counted + h.counted)
+            record.log({f"worker{src - 1}/train_loss": h.loss}, h.worker_step)
+        for epoch in epochs.add(h.counted):
             loop.set_flat(p.model, centre)
             record.delays(delays, epochs.counted)
             record.epoch(epoch, epochs.counted, loop.evaluate(p))
@@ -148,7 +156,9 @@ def _server(p: loop.Problem, workers: int, record: loop.Report, out: Path) -> No
     _finish(p, record, p.model, final, None, out, "easgd async")
 
 
-def _async_worker(p: loop.Problem, index: int, workers: int) -> None:
+def _async_worker(p: loop.Problem, index: int, workers: int, record: loop.Report | None) -> None:
+    """Worker ``index`` of asynchronous EASGD; ``record``: worker 0's reports to the parent (None elsewhere), its
+    optimizer's ``lr/g*`` and effective lrs, its t-th update at run step ``workers * t`` (module docstring)."""
     cfg, tau = p.cfg, p.cfg.trainer.tau
     opt = loop.Optimizer(cfg, p.model.parameters(), index)
     loader = loop.shard(p, index, workers)
@@ -165,6 +175,8 @@ def _async_worker(p: loop.Problem, index: int, workers: int) -> None:
     for epoch in range(cfg.trainer.max_epochs):
         for batch in loop.epoch_batches(p, loader, epoch):
             if t % tau == 0:  # x_i ← x_i - α (x_i - x̃), x̃ ← x̃ + α (x_i - x̃) on the server
+                if record is not None and t:  # at each communication after the first, as sync EASGD
+                    record.log(loop.lrs(opt.opt), workers * t)
                 message(m.EXCHANGE)
                 x = loop.flat(p.model)
                 m.send(x, 0, m.TAG_PAYLOAD)
@@ -175,8 +187,12 @@ def _async_worker(p: loop.Problem, index: int, workers: int) -> None:
             t += 1
             counted += 1
             diverged.check(value, epoch, t)
+            if record is not None:
+                record.effective_lr(opt.opt, t, workers * t)
         opt.end_epoch()
         message(m.PROGRESS)  # the server counts its epochs by the gradients workers report
+    if record is not None:
+        record.effective_lr(opt.opt, t, workers * t, force=True)
     message(m.DONE)
     m.send(loop.flat(p.model), 0, m.TAG_PAYLOAD)  # x_i at the end, for the checkpoint
 

@@ -2,9 +2,9 @@
 point-to-point ``send``/``recv`` (gloo): a server (rank 0) and workers (ranks 1..N).
 
 A worker starts every message with a header, a float64 vector of ``HEADER + extra`` numbers; the server receives
-headers from any worker (``recv`` without ``src``, which returns the sender) and then any tensor that follows from
-that worker only. One message at a time per worker, and the pair's messages arrive in order, so a header can never
-be mistaken for a payload; tags keep the kinds apart anyway.
+headers from any worker (``serve``: ``recv`` without ``src``, which returns the sender) and then any tensor that
+follows from that worker only. One message at a time per worker, and the pair's messages arrive in order, so a
+header can never be mistaken for a payload; tags keep the kinds apart anyway.
 
 Header: ``[kind, gradients, loss, worker_step, counted, extra...]``: ``gradients`` the number of minibatch
 gradients the message carries (Downpour's push) and ``extra`` the parameter versions they were computed at;
@@ -15,6 +15,8 @@ worker computed since its previous message (the server counts epochs with them).
 from __future__ import annotations
 
 import datetime
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -44,11 +46,30 @@ def send_header(h: torch.Tensor) -> None:
     dist.send(h, 0, tag=TAG_HEADER)
 
 
-def receive_header(extra: int) -> tuple[int, torch.Tensor]:
-    """The next header from any worker: ``(sender rank, header)``."""
-    h = torch.empty(HEADER + extra, dtype=torch.float64)
-    src = dist.recv(h, tag=TAG_HEADER)
-    return src, h
+class Header(NamedTuple):
+    """A received header's fields (the module docstring); ``versions``: the first ``gradients`` extra fields."""
+
+    kind: int
+    gradients: int
+    loss: float
+    worker_step: int
+    counted: int
+    versions: list[int]
+
+
+def serve(workers: int, extra: int) -> Iterator[tuple[int, Header]]:
+    """A server's loop: ``(sender rank, header)`` of every message from any worker, in order of arrival, until the
+    last of the ``workers`` has sent ``DONE`` (that header is yielded too). The caller receives what follows a
+    header (``receive``) before it asks for the next one."""
+    done = 0
+    while done < workers:
+        h = torch.empty(HEADER + extra, dtype=torch.float64)
+        src = dist.recv(h, tag=TAG_HEADER)
+        kind, gradients, loss, worker_step, counted = h[:HEADER].tolist()
+        versions = [int(v) for v in h[HEADER:HEADER + int(gradients)].tolist()]
+        yield src, Header(int(kind), int(gradients), loss, int(worker_step), int(counted), versions)
+        if kind == DONE:
+            done += 1
 
 
 def send(t: torch.Tensor, dst: int, tag: int) -> None:
