@@ -36,10 +36,10 @@ def run(*args, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> Path:
-    """The bin directory of a fresh venv holding optstudy installed from its wheel (not editable)."""
-    tmp = tmp_path_factory.mktemp("install")
-    source = tmp / "source"  # a copy: building in the repository would leave build/ there
+def wheel(tmp_path_factory) -> Path:
+    """optstudy's wheel, built from a copy of the sources (building in the repository would leave build/ there)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"
     source.mkdir()
     for name in SOURCES:
         if (ROOT / name).is_dir():
@@ -48,16 +48,31 @@ def installed(tmp_path_factory) -> Path:
             shutil.copy2(ROOT / name, source / name)
     run(sys.executable, "-m", "pip", "wheel", source, "--no-deps", "--no-build-isolation", "-w", tmp / "wheels",
         cwd=tmp)
-    [wheel] = (tmp / "wheels").glob("optstudy-*.whl")
-    venv = tmp / "venv"
-    run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp)
-    python = venv / "bin" / "python"
-    site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp).stdout.strip())
+    [built] = (tmp / "wheels").glob("optstudy-*.whl")
+    return built
+
+
+def fresh_venv(where: Path, wheel: Path, *requirements: str) -> Path:
+    """The bin directory of a new venv at ``where`` holding ``requirements`` (installed by pip first: they come
+    before the borrowed dependencies on sys.path) and optstudy installed from ``wheel``, not editable."""
+    run(sys.executable, "-m", "venv", "--without-pip", where, cwd=where.parent)
+    python = where / "bin" / "python"
+    pip = (sys.executable, "-m", "pip", "--python", python, "install", "--quiet")
+    if requirements:
+        run(*pip, *requirements, cwd=where.parent)
+    site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                    cwd=where.parent).stdout.strip())
     ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}  # the test venv's dependencies
-    (site / "deps.pth").write_text("\n".join(sorted(ours)) + "\n")
+    (site / "zz_deps.pth").write_text("\n".join(sorted(ours)) + "\n")  # zz_: after any .pth of its own packages
     # --ignore-installed: the test venv's editable optstudy is on the path too; it is not this venv's to uninstall
-    run(python, "-m", "pip", "install", "--no-deps", "--ignore-installed", wheel, cwd=tmp)
-    return venv / "bin"
+    run(*pip, "--no-deps", "--ignore-installed", wheel, cwd=where.parent)
+    return where / "bin"
+
+
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory) -> Path:
+    """The bin directory of a fresh venv holding optstudy installed from its wheel (not editable)."""
+    return fresh_venv(tmp_path_factory.mktemp("install") / "venv", wheel)
 
 
 @pytest.fixture
@@ -65,6 +80,14 @@ def elsewhere(tmp_path) -> Path:
     """A working directory outside the repository."""
     assert not tmp_path.is_relative_to(ROOT)
     return tmp_path
+
+
+def users_project(elsewhere: Path) -> Path:
+    """examples/lightning_project copied to ``elsewhere``: a user's project outside the repository."""
+    project = elsewhere / "project"
+    shutil.copytree(ROOT / "examples" / "lightning_project", project,
+                    ignore=shutil.ignore_patterns("__pycache__", "mlflow.db", "mlartifacts", "*.journal"))
+    return project
 
 
 def test_the_installed_package_is_the_wheel_not_the_repository(installed, elsewhere):
@@ -110,9 +133,7 @@ def test_a_users_project_with_its_own_model_data_configs_and_lightning_code(inst
     nn.Module and data loading in mymodel.py, conf/model/mymodel.yaml and conf/data/mydigits.yaml by _target_,
     studies/mine.yaml) trains, runs a 4-trial study with its report, and runs its own Lightning script, all with the
     installed wheel."""
-    project = elsewhere / "project"
-    shutil.copytree(ROOT / "examples" / "lightning_project", project,
-                    ignore=shutil.ignore_patterns("__pycache__", "mlflow.db", "mlartifacts", "*.journal"))
+    project = users_project(elsewhere)
     proc = run(installed / "optstudy", "train", "--config-dir", "conf", "model=mymodel", "data=mydigits",
                "trainer.max_epochs=1", cwd=project)
     assert "val_loss = " in proc.stdout
@@ -124,6 +145,39 @@ def test_a_users_project_with_its_own_model_data_configs_and_lightning_code(inst
     assert "adam" in table and "adabound" in table
     proc = run(installed / "python", "train.py", "--epochs", "1", "--every", "5", cwd=project)  # the library
     assert proc.stdout.startswith("MLflow run ") and "val_loss = " in proc.stdout
+
+
+# PyPI's torchvision 0.28.0 (the release of torch 2.13) is a CUDA build: beside the CPU wheel of torch 2.13 that the
+# project installs, its extension does not load ("operator torchvision::nms does not exist"). torch 2.14.1 and
+# torchvision 0.29.1, both CUDA builds of the same release, run together on a CPU: a venv of their own holds them.
+TORCHVISION = ("torch==2.14.1", "torchvision==0.29.1")
+
+
+@pytest.fixture
+def with_torchvision(wheel, tmp_path_factory):
+    """A fresh venv with torch, torchvision and optstudy's wheel; removed afterwards (it is 5.5 GB)."""
+    venv = tmp_path_factory.mktemp("torchvision") / "venv"
+    yield fresh_venv(venv, wheel, *TORCHVISION)
+    shutil.rmtree(venv, ignore_errors=True)
+
+
+def test_a_torchvision_model_by_target_in_a_users_project(with_torchvision, elsewhere):
+    """README "Your own model": a library's model by _target_ (conf/model/tv_resnet18.yaml: torchvision's ResNet-18,
+    num_classes from the data) trains on the project's own data as 3-channel images, from the installed wheel."""
+    bin_ = with_torchvision
+    project = users_project(elsewhere)
+    proc = run(bin_ / "optstudy", "train", "--config-dir", "conf", "model=tv_resnet18", "data=mydigits_rgb",
+               "trainer.max_epochs=1", cwd=project)
+    assert "val_loss = " in proc.stdout
+    versions = run(bin_ / "python", "-c", "import torch, torchvision; print(torch.__version__, torchvision.__version__)",
+                   cwd=project).stdout.split()
+    assert [v.split("+")[0] for v in versions] == ["2.14.1", "0.29.1"], versions
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    [run_] = client.search_runs([e.experiment_id for e in client.search_experiments()])  # the project's one run
+    assert run_.data.params["model._target_"] == "torchvision.models.resnet18"
+    assert run_.data.params["model.num_classes"] == "10" and run_.data.params["data.channels"] == "3"
 
 
 def test_the_dashboard_is_served_from_the_installed_package(installed, elsewhere):

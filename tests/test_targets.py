@@ -196,14 +196,3 @@ def test_the_output_check_leaves_the_model_and_the_random_state_alone():
     assert torch.equal(torch.rand(3), after)  # the check's forward drew nothing from the global RNG
     for mine, theirs in zip(model.state_dict().values(), plain.state_dict().values()):
         assert torch.equal(mine, theirs)
-
-
-def test_a_torchvision_model_by_target():
-    try:
-        import torchvision  # noqa: F401
-    except Exception as exc:  # noqa: BLE001  (a CUDA build beside a CPU torch raises RuntimeError on import)
-        pytest.skip(f"torchvision does not import here: {type(exc).__name__}: {exc}")
-    overrides = ["model=custom", "model._target_=torchvision.models.resnet18", "+model.num_classes=${data.n_classes}",
-                 *BLOBS, "+data.size=32", "+data.channels=3", "logger=none", *QUICK]
-    result = train(compose(overrides))
-    assert math.isfinite(result.value)

@@ -17,11 +17,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from optstudy import optim
 
 
-def digits(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+def digits(seed: int = 0, channels: int | None = None) -> tuple[TensorDataset, TensorDataset]:
     """1797 digits as 64 features in [0, 1], split 80/20 by a shuffle drawn from ``seed``: (train, val) Datasets
-    (a data config's ``_target_: mymodel.digits`` trains optstudy's runs on them)."""
+    (a data config's ``_target_: mymodel.digits`` trains optstudy's runs on them). With ``channels`` each digit is
+    an image of that many identical 8x8 channels instead, for image models (``conf/data/mydigits_rgb.yaml``)."""
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x, dtype=torch.float32) / 16  # pixel intensities are 0..16
+    if channels:
+        x = x.view(-1, 1, 8, 8).expand(-1, channels, -1, -1).contiguous()
     y = torch.tensor(y)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     cut = int(0.8 * len(y))
