@@ -131,7 +131,10 @@ def heatmap(arrays: dict, path: Path, title: str = "") -> Path:
     ax.set(ylim=(lo, hi), xlabel="training step", ylabel="log10 effective learning rate",
            title=title or "effective learning rates")
     ax.legend(loc="upper right", fontsize=8)
-    fig.colorbar(mesh, ax=ax, label="fraction of elements", fraction=0.08, pad=0.02)
+    bar = fig.colorbar(mesh, ax=ax, label="fraction of elements", fraction=0.08, pad=0.02)
+    # the colorbar's 8 unlabelled minor ticks a decade and its mathtext labels (10^-6) took 162 -> 116 ms a heatmap
+    bar.ax.minorticks_off()
+    bar.ax.yaxis.set_major_formatter("{x:g}")  # 1e-06 ... 1
     fig.savefig(path)
     return path
 
