@@ -102,8 +102,11 @@ def test_downpour_periods_are_checked(tmp_path):
 
 # --- each trainer, 2 processes, to the end, tracked ---------------------------------------------------------------
 @pytest.mark.parametrize("trainer", ["hogwild", "downpour"])
-def test_runs_to_the_end_and_logs_to_mlflow(tmp_path, mlflow_uri, trainer):
+def test_runs_to_the_end_and_logs_to_mlflow(tmp_path, mlflow_uri, trainer, capsys):
     result = train(_cfg(tmp_path, f"trainer={trainer}"))
+    last = capsys.readouterr().out.splitlines()[-1]  # train.py's summary line, as a Lightning run's
+    assert last.startswith(f"run {result.run_id} 'adam lr=") and " trained in " in last
+    assert f": val_loss = {result.value:.6g}; open it with: mlflow ui --backend-store-uri " in last
     assert math.isfinite(result.value) and result.value == result.metrics["val_loss"] < math.log(10)
     status, names = _metrics(mlflow_uri, result.run_id)
     assert status == "FINISHED"

@@ -188,16 +188,21 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Result:
     metrics.update(early.outcome(trainer))  # early_stopping/* when it was on
     value = metrics[cfg.objective]
     if trainer.is_global_zero:
-        in_study = OmegaConf.select(cfg, "tags.optuna") is not None  # its worker prints where the runs are, once
-        where = f"; open it with: {ui_command(logger.uri, logger.experiment_id)}" if logger and not in_study else ""
-        run_id = f"run {logger.run_id} " if logger else ""
-        command = Path(sys.argv[0]).name in ("train.py", "optstudy", "__main__.py")  # not a library caller's
-        total = _process_seconds() if command else None
-        took = f"trained in {time.perf_counter() - start:.1f}s" + (
-            f", {total:.1f}s since the process started" if total is not None and not in_study else "")
-        print(f"{run_id}'{logger.run_name if logger else run_name(cfg)}' {took}: {cfg.objective} = {value:.6g}"
-              f"{where}", flush=True)
+        print(summary_line(cfg, logger, start, value), flush=True)
     return Result(value, metrics, logger and logger.run_id, logger and logger.uri, out, timer.seconds)
+
+
+def summary_line(cfg: DictConfig, logger, start: float, value: float) -> str:
+    """A run's last line: its MLflow run, its name, how long it trained (and, for a command, since its process
+    started), the objective, and how to open the run (not in a study: its worker says where the runs are, once)."""
+    in_study = OmegaConf.select(cfg, "tags.optuna") is not None
+    where = f"; open it with: {ui_command(logger.uri, logger.experiment_id)}" if logger and not in_study else ""
+    run_id = f"run {logger.run_id} " if logger else ""
+    command = Path(sys.argv[0]).name in ("train.py", "optstudy", "__main__.py")  # not a library caller's
+    total = _process_seconds() if command else None
+    took = f"trained in {time.perf_counter() - start:.1f}s" + (
+        f", {total:.1f}s since the process started" if total is not None and not in_study else "")
+    return f"{run_id}'{logger.run_name if logger else run_name(cfg)}' {took}: {cfg.objective} = {value:.6g}{where}"
 
 
 def _process_seconds() -> float | None:

@@ -129,7 +129,7 @@ def train(cfg: DictConfig, callbacks: list | None = None):
     from optstudy.config import validate
     from optstudy.parallel import loop
     from optstudy.parallel.record import Record
-    from optstudy.train import Result, _resolved, make_logger, output_dir, run_name
+    from optstudy.train import Result, _resolved, make_logger, output_dir
 
     validate(cfg)
     plain = OmegaConf.create(_resolved(cfg))  # without Hydra's node, whose interpolations need a Hydra app
@@ -160,9 +160,9 @@ def train(cfg: DictConfig, callbacks: list | None = None):
     record.finish()
     metrics = dict(record.last)
     value = metrics[cfg.objective]
-    label = logger.run_name if logger else run_name(cfg)
-    print(f"{f'run {logger.run_id} ' if logger else ''}'{label}' trained in {time.perf_counter() - start:.1f}s: "
-          f"{cfg.objective} = {value:.6g}", flush=True)
+    from optstudy.train import summary_line  # the parent's; the processes import no Lightning
+
+    print(summary_line(cfg, logger, start, value), flush=True)
     return Result(value, metrics, logger and logger.run_id, logger and logger.uri, out, record.epoch_seconds)
 
 
