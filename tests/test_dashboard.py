@@ -68,23 +68,22 @@ def study_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(study_dir) -> str:
     port = free_port()
-    log = open(study_dir / "dashboard.log", "w")
-    proc = subprocess.Popen([str(BIN / "optstudy"), "dashboard", "--storage", "journal.log", "--port", str(port)],
-                            cwd=study_dir, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/studies", timeout=5).read()
-            break
-        except OSError:
-            assert proc.poll() is None, (study_dir / "dashboard.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the dashboard did not answer in 180 s"
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    with open(study_dir / "dashboard.log", "w") as log:
+        proc = subprocess.Popen([str(BIN / "optstudy"), "dashboard", "--storage", "journal.log", "--port", str(port)],
+                                cwd=study_dir, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/studies", timeout=5).read()
+                break
+            except OSError:
+                assert proc.poll() is None, (study_dir / "dashboard.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the dashboard did not answer in 180 s"
+                time.sleep(0.5)
+        yield url
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def in_browser(tmp: Path, scenario):
@@ -181,7 +180,6 @@ def test_the_report_and_the_app_draw_the_same_pictures(server, study_dir, tmp_pa
     import re
 
     import optuna
-
     from optstudy.dashboards import write
 
     with urllib.request.urlopen(f"{server}/api/study/live", timeout=120) as r:
@@ -202,7 +200,7 @@ def test_the_report_and_the_app_draw_the_same_pictures(server, study_dir, tmp_pa
 
 def test_a_bad_port_is_one_line_and_exit_2(tmp_path):
     r = subprocess.run([str(BIN / "optstudy"), "dashboard", "--port", "70000"], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=120)
+                       cwd=tmp_path, timeout=120, check=False)
     assert r.returncode == 2 and r.stderr == "error: --port: must be an integer in 1..65535, got 70000\n"
 
 
@@ -253,3 +251,112 @@ def test_new_trials_appear_without_reload(server, study_dir, tmp_path):
     assert before != after  # the lr sensitivity picture was fetched again, with the new trials' points
     assert_clean(page, server)
     not_blank(pixels)
+
+
+# --- the server's part: figures drawn before they are asked for, once, and the storage read at a pace ------------
+def test_warmed_figures_are_not_drawn_again(study_dir):
+    """The warmer draws every view the page will ask for, importances included: the page's requests draw nothing."""
+    from optstudy.dashboards.app import Dashboard
+
+    dash = Dashboard(str(study_dir / "journal.log"))
+    dash.start_warming()
+    assert dash.warmed(timeout=300)
+    live = dash.study("live")
+    drawn = sum(live.draws.values())
+    state = dash.state("live")
+    assert {v["id"] for v in state["views"]} == VIEWS
+    assert all(live.draws[(v["id"], v["key"])] == 1 for v in state["views"])
+    for v in state["views"]:
+        assert dash.figure("live", v["id"], v["key"])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sum(live.draws.values()) == drawn
+
+
+def test_the_served_dashboard_warms_its_figures(server):
+    """``optstudy dashboard`` starts the warmer: /api/studies says so while it draws, and it finishes."""
+    import json
+
+    deadline = time.monotonic() + 300
+    while True:
+        with urllib.request.urlopen(f"{server}/api/studies", timeout=60) as r:
+            if json.load(r)["warming"] is False:
+                break
+        assert time.monotonic() < deadline, "still warming after 300 s"
+        time.sleep(0.5)
+
+
+def test_a_figure_being_drawn_is_drawn_once_and_the_page_goes_first(study_dir):
+    """While the warmer draws a figure, a page asking for the same one waits for that drawing (one draw), and a
+    page asking for another is drawn before the warmer's next figure."""
+    from optstudy.dashboards.app import DRAWING, Dashboard
+
+    dash = Dashboard(str(study_dir / "journal.log"))
+    live = dash.study("live")
+    started, release, order, got = threading.Event(), threading.Event(), [], {}
+
+    def drawing(view, wait=False):
+        def draw():
+            order.append(view)
+            if wait:  # the warmer's figure, held until the page's requests have arrived
+                started.set()
+                assert release.wait(60)
+            return f"{view} picture".encode()
+        return draw
+
+    def ask(who, fn, *args):
+        thread = threading.Thread(target=lambda: got.__setitem__(who, fn(*args)), daemon=True)
+        thread.start()
+        return thread
+
+    threads = [ask("warmer", live.png, "lr", "k1", drawing("lr", wait=True), True)]
+    assert started.wait(60)
+    threads.append(ask("warmer next", live.png, "hp:adam", "k1", drawing("hp:adam"), True))
+    threads.append(ask("page same", dash.figure, "live", "lr", "k1"))  # drawn for real if it were drawn twice
+    threads.append(ask("page other", live.png, "curves", "k1", drawing("curves")))
+    assert DRAWING.queued(1, timeout=60)  # "page other" waits for its turn
+    threads[2].join(0.5)
+    assert threads[2].is_alive()  # "page same" waits too: for the warmer's drawing
+    release.set()
+    for thread in threads:
+        thread.join(60)
+    assert order == ["lr", "curves", "hp:adam"]
+    assert got["page same"] == got["warmer"] == b"lr picture"
+    assert live.draws[("lr", "k1")] == 1
+
+
+def test_a_slow_read_spaces_the_reads(study_dir, tmp_path):
+    """The trials are re-read at most every max(REFRESH_S, READ_K x the last read's duration) seconds; a new trial
+    is seen at the first read due. The clock is the test's: no sleeping."""
+    import optuna
+    from optstudy.dashboards.app import POLL_MS, READ_K, REFRESH_S, Dashboard
+    from optuna.trial import create_trial
+
+    shutil.copy(study_dir / "journal.log", tmp_path / "journal.log")  # the other tests' study stays as it is
+    dash = Dashboard(str(tmp_path / "journal.log"))
+    live = dash.study("live")
+    now = [1000.0]
+    live.clock = lambda: now[0]
+    live.refresh()
+    assert (live.reads, live.read_s, live.interval()) == (1, 0.0, REFRESH_S)  # the first read fills Optuna's cache
+    now[0] += REFRESH_S
+    live.refresh()
+    assert live.reads == 2 and live.interval() == REFRESH_S  # a read of a few trials: no time on this clock
+    live.read_s = 3.0  # the seam: as if that read had taken 3 s (a loaded PostgreSQL)
+    assert live.interval() == READ_K * 3.0
+
+    worker = optuna.load_study(study_name="live", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "journal.log"))))
+    model = next(t for t in worker.trials if t.state.name == "COMPLETE")
+    worker.add_trial(create_trial(params=model.params, distributions=model.distributions, value=model.value,
+                                  user_attrs=model.user_attrs))
+    generation, start = live.generation, live.refreshed
+    for at in (REFRESH_S, READ_K * 3.0 - 0.1):
+        now[0] = start + at
+        live.refresh()
+        assert (live.reads, live.generation) == (2, generation), at  # not read back to back
+    now[0] = start + READ_K * 3.0
+    live.refresh()
+    assert live.reads == 3 and live.generation == generation + 1
+    assert live.trials[-1].number == worker.trials[-1].number  # the new trial, read
+    # the promise of the page: a new trial within LIVE_S for reads up to 1.3 s (worst case: it lands just after a
+    # read began, waits the interval, the next read, and a poll)
+    assert READ_K * 1.3 + 1.3 + POLL_MS / 1000 <= LIVE_S
