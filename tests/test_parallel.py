@@ -197,6 +197,25 @@ def test_easgd_logs_worker_0s_effective_learning_rates(tmp_path, mlflow_uri, var
     assert client.get_metric_history(result.run_id, "val_loss")[-1].step == 24
 
 
+# --- the end of a process --------------------------------------------------------------------------------------
+def _aborts_at_exit(rank: int, world: int, reports) -> None:
+    """A process whose work is done but whose interpreter would abort at its finalisation, as gloo's threads
+    sometimes make it ("terminate called without an active exception")."""
+    import atexit
+
+    reports.put(("done", rank))
+    atexit.register(os.kill, os.getpid(), signal.SIGABRT)
+
+
+def test_a_finished_process_is_not_failed_by_its_interpreters_finalisation(tmp_path):
+    from optstudy.parallel.launch import launch
+
+    (tmp_path / "errors").mkdir()
+    seen = []
+    launch(_aborts_at_exit, 2, (), tmp_path / "errors", on_report=seen.append)
+    assert sorted(seen) == [("done", 0), ("done", 1)]
+
+
 # --- a killed worker --------------------------------------------------------------------------------------------
 def _children(pid: int) -> list[int]:
     found = []
