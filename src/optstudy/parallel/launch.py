@@ -12,6 +12,8 @@ Shutdown is the parent's job, in one place:
   non-zero; one killed by a signal leaves no file. Either way ``ProcessContext.join`` notices at once (it waits on
   every process's sentinel), and the parent then terminates the others (SIGTERM, SIGKILL after 5 s) and raises the
   first error as an ``OptstudyError`` with that one line (``ParallelFailed`` for a crash or a kill);
+- a process whose entry returned leaves with ``os._exit(0)``, without the interpreter's finalisation (where
+  gloo's threads sometimes aborted a finished process);
 - Ctrl-C: the children ignore SIGINT (the terminal sends it to the whole process group), the parent stops them
   and re-raises ``KeyboardInterrupt``;
 - the parent itself killed (SIGKILL, OOM): every child asked Linux for SIGKILL when its parent dies
