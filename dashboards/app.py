@@ -333,7 +333,7 @@ class Dashboard:
         trials = live.trials  # the last refresh's: the home page's polls read no more often than a study page's
         kept = [t for t in trials if not t.user_attrs.get("surplus")]
         s = tr.settings(live.study)
-        best = _best(trials, s.sign)
+        best = tr.best_trial(trials, s.sign)
         return {"name": name, "url": f"/study/{quote(name, safe='')}", "study_id": live.study_id,
                 "trials": len(trials), "states": {st: sum(t.state.name == st for t in kept) for st in STATES},
                 "surplus": len(trials) - len(kept), "objective": s.objective, "direction": s.direction,
@@ -513,12 +513,6 @@ def _with_best(t: report.Tables, best: pd.DataFrame) -> report.Tables:
     from dataclasses import replace
 
     return replace(t, best=best.reset_index(drop=True))
-
-
-def _best(trials: list, sign: float):
-    """``trials.best_trial`` over a list already read: the used trial with the best value."""
-    done = [t for t in trials if tr.used(t) and math.isfinite(t.value)]
-    return min(done, key=lambda t: sign * t.value) if done else None
 
 
 def _num(value):

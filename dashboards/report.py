@@ -94,7 +94,7 @@ def header(study: optuna.Study, t: Tables, uri: str | None) -> h.Section:
 
 
 def _best_trial(study: optuna.Study, t: Tables) -> list[str]:
-    best = tr.best_trial(study, t.settings.sign)
+    best = tr.best_trial(study.get_trials(deepcopy=False), t.settings.sign)
     if best is None:
         return [h.note("no completed trial (surplus trials are ignored)")]
     attrs = best.user_attrs

@@ -20,7 +20,7 @@ def test_a_resumed_float64_run_equals_the_run_that_never_stopped(tmp_path):
     straight = train(compose([*COMMON, "trainer.max_epochs=3", f"checkpoint.dir={tmp_path / 'a'}"]))
     first = train(compose([*COMMON, "trainer.max_epochs=2", f"checkpoint.dir={tmp_path / 'b'}"]))
     ckpt = first.output_dir / "checkpoints" / "last.ckpt"
-    saved = [w for w in _weights(first)]
+    saved = _weights(first)
     assert all(w.dtype == torch.float64 for w in saved)
     assert any(not torch.equal(w, w.float().double()) for w in saved)  # float32 cannot hold them: a rounding shows
     resumed = train(compose([*COMMON, "trainer.max_epochs=3", f"checkpoint.dir={tmp_path / 'c'}",

@@ -129,7 +129,7 @@ def train(cfg: DictConfig, callbacks: list | None = None):
     from optstudy.config import validate
     from optstudy.parallel import loop
     from optstudy.parallel.record import Record
-    from optstudy.train import Result, _resolved, make_logger, output_dir
+    from optstudy.train import Result, _resolved, make_logger, output_dir, summary_line
 
     validate(cfg)
     plain = OmegaConf.create(_resolved(cfg))  # without Hydra's node, whose interpolations need a Hydra app
@@ -160,8 +160,6 @@ def train(cfg: DictConfig, callbacks: list | None = None):
     record.finish()
     metrics = dict(record.last)
     value = metrics[cfg.objective]
-    from optstudy.train import summary_line  # the parent's; the processes import no Lightning
-
     print(summary_line(cfg, logger, start, value), flush=True)
     return Result(value, metrics, logger and logger.run_id, logger and logger.uri, out, record.epoch_seconds)
 
