@@ -268,6 +268,26 @@ def test_population_members_with_different_orders_each_train_as_alone(cache):
         assert value == pytest.approx(alone, rel=1e-9, abs=0), name
 
 
+
+def test_population_order_from_the_command_line_gives_each_member_its_order(cache):
+    """``population.order=[...]`` crosses data.order with the other lists; each member is its standalone run."""
+    base = ["optimizer=adam", "trainer.precision=64-true", "trainer.max_epochs=2", "checkpoint.enabled=false",
+            "optimizer.lr=3e-3", "seed=1"]
+    overrides = [*base, "population.order=[fixed,anti_curriculum]", "population.lr=[3e-3]"]
+    configs, settings = member_configs(compose(overrides))
+    assert [c.data.order for c in configs] == ["fixed", "anti_curriculum"]
+    assert settings == [{"optimizer.lr": 3e-3, "data.order": name} for name in ("fixed", "anti_curriculum")]
+    result = train_population(compose(overrides))
+    for member, name in zip(result.members, ("fixed", "anti_curriculum")):
+        alone = standalone_val_loss(compose([*base, f"data.order={name}"]))
+        assert member.value == pytest.approx(alone, rel=1e-9, abs=0), name
+
+
+def test_a_bad_population_order_names_the_member():
+    with pytest.raises(ConfigError, match=r"population member \(order=random\): data.order must be one of shuffle, "
+                                          r"fixed, curriculum, mixed, anti_curriculum, got 'random'"):
+        train_population(compose(["logger=none", "population.order=[shuffle,random]", *QUICK]))
+
 # --- mistakes -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("override, message", [
     ("data.order=curicculum", (r"data.order must be one of shuffle, fixed, curriculum, mixed, anti_curriculum, "

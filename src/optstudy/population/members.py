@@ -4,7 +4,8 @@
 
 Each key of ``population`` that holds a list is crossed with the others (the Cartesian product, seed varying
 fastest); a single value is the same for every member, as ``optimizer.<key>=value`` would be. Member k's config is
-the one ``python train.py`` would compose for it alone (its values in ``optimizer.*``, ``bound.*`` and ``seed``,
+the one ``python train.py`` would compose for it alone (its values in ``optimizer.*``, ``bound.*``, ``data.order`` and
+``seed``,
 ``population`` back to its defaults), so its MLflow run carries exactly a standalone run's params.
 """
 
@@ -44,6 +45,8 @@ def _choices(cfg: DictConfig) -> dict[str, list]:
                         for k, v in (value or {}).items() if v is not None})
         elif key == "seed":
             out["seed"] = _values("seed", value)
+        elif key == "order":  # data.order per member (optstudy.data._order); its data.curriculum.* are shared
+            out["data.order"] = _values("order", value)
         elif key in FLAGS:
             raise ConfigError(f"population.{key}: flags are shared by a population (one value for every member); "
                               f"run one population per value, e.g. optimizer.{key}={value if not isinstance(value, list) else value[0]}")
@@ -104,6 +107,7 @@ def check(cfg: DictConfig, settings: list[dict] | None = None) -> None:
     ``population`` key and the member's value."""
     from optstudy import optim
     from optstudy.config import optimizer_kwargs
+    from optstudy.data import _order
 
     choices = _choices(cfg) if settings is None else {k: [s[k] for s in settings] for k in settings[0]}
     for key, values in choices.items():
@@ -119,6 +123,7 @@ def check(cfg: DictConfig, settings: list[dict] | None = None) -> None:
     for member, setting in zip(members, settings):
         shown = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in setting.items())
         try:
+            _order.check(member["data"])
             kwargs = optimizer_kwargs(member, notes=False)  # checks optimizer.grad_noise's values
         except ConfigError as exc:
             raise ConfigError(f"population member ({shown}): {exc}") from None
