@@ -58,6 +58,8 @@ POLL_MS = 2000  # how often the page asks for changes
 IMPORTANCE_EVERY_S = 20.0  # fANOVA is slow: recomputed at most this often while trials land
 STATES = ["COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"]
 FINISHED = {s.value for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+PER_OPTIMIZER = ("hp", "pairs", "heatmap")  # views named kind:optimizer (Dashboard._views)
+STUDY_VIEWS = ("lr", "importances", "curves", "final", "bounds")
 
 
 def digest(*parts) -> str:
@@ -448,7 +450,13 @@ class Dashboard:
         threading.Thread(target=work, daemon=True, name=f"importances {live.study.study_name}").start()
 
     def figure(self, name: str, view: str, key: str, background: bool = False) -> bytes:
+        """The picture of ``view`` (``lr``, ``hp:adam``, ...); KeyError for a view the study cannot have."""
         live = self.study(name)
+        kind, colon, optimizer = view.partition(":")
+        per_optimizer = kind in PER_OPTIMIZER
+        if kind not in (*PER_OPTIMIZER, *STUDY_VIEWS) or per_optimizer != bool(colon) or \
+                (per_optimizer and optimizer not in live.tables().optimizers):
+            raise KeyError(view)  # checked here: a KeyError while drawing becomes a picture of the error
         return live.png(view, key, lambda: self._draw(live, view), background)
 
     def _draw(self, live: Live, view: str) -> bytes:
@@ -475,10 +483,8 @@ class Dashboard:
         if kind == "final":
             found, notes = views.best_histograms(t, client)
             return views.final_distributions(found, t)[0] or figures.message("; ".join(notes) or "no histograms")
-        if kind == "bounds":
-            found, _ = views.best_histograms(_bounded(t), client)
-            return views.bound_schedules(t, views.bound_steps(found)) or figures.message("no AdaBound/AMSBound configuration")
-        raise KeyError(view)
+        found, _ = views.best_histograms(_bounded(t), client)  # bounds
+        return views.bound_schedules(t, views.bound_steps(found)) or figures.message("no AdaBound/AMSBound configuration")
 
     def compare(self, name: str, numbers: list[int]) -> bytes:
         """The learning curves of the chosen trials (mean over each trial's seeds, band min-max)."""

@@ -271,6 +271,18 @@ def test_warmed_figures_are_not_drawn_again(study_dir):
     assert sum(live.draws.values()) == drawn
 
 
+@pytest.mark.parametrize("view", ["nosuch", "hp:nosuch", "hp", "lr:adam", "heatmap:"])
+def test_a_view_the_study_cannot_have_is_404(server, view):
+    """Not a picture of an error (a KeyError while drawing is one): the URL names no view of this study."""
+    import urllib.error
+
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{server}/api/study/live/figure/{view}.png?v=x", timeout=60)
+    assert err.value.code == 404 and f"no view {view!r}" in err.value.read().decode()
+    with urllib.request.urlopen(f"{server}/api/study/live/figure/hp:adam.png?v=x", timeout=60) as r:
+        assert r.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_the_served_dashboard_warms_its_figures(server):
     """``optstudy dashboard`` starts the warmer: /api/studies says so while it draws, and it finishes."""
     import json
