@@ -142,8 +142,9 @@ def test_one_process_equals_the_plain_run(tmp_path, plain_run, trainer):
     assert result.metrics.get("delay/max", 0) == 0  # one process: nothing is ever stale
 
 
-def _local_run(cfg, shard: int, shards: int) -> torch.Tensor:
-    """A single-process loop on one shard, written out: the run an EASGD worker with alpha = 0 must equal."""
+def _local_run(cfg, shard: int, shards: int) -> tuple[torch.Tensor, dict]:
+    """A single-process loop on one shard, written out: the run an EASGD worker with alpha = 0 must equal; its final
+    parameters and optimizer state."""
     torch.manual_seed(cfg.seed)  # pl.seed_everything's torch part: the initial weights of train.py's runs
     data = datasets.load(cfg.data, cfg.seed)
     model = models.build(cfg.model, data).double()
@@ -159,7 +160,7 @@ def _local_run(cfg, shard: int, shards: int) -> torch.Tensor:
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x.double()), y).backward()
             opt.step()
-    return torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach(), opt.state_dict()
 
 
 @pytest.mark.parametrize("variant", ["sync", "async"])
@@ -172,7 +173,10 @@ def test_easgd_with_alpha_zero_equals_independent_local_runs(tmp_path, mlflow_ur
     saved = _weights(tmp_path)
     for i in range(2):
         worker = torch.cat([v.reshape(-1) for v in saved["workers"][i].values()])
-        torch.testing.assert_close(worker, _local_run(cfg, i, 2), rtol=0, atol=1e-12)
+        local, local_opt = _local_run(cfg, i, 2)
+        torch.testing.assert_close(worker, local, rtol=0, atol=1e-12)
+        if i == 0:  # worker 0's optimizer state, also in async, where it lives in worker 0's process
+            torch.testing.assert_close(saved["optimizer_worker0"]["state"], local_opt["state"], rtol=0, atol=1e-12)
     torch.manual_seed(cfg.seed)
     initial = models.build(cfg.model, datasets.load(cfg.data, cfg.seed)).double().state_dict()
     for key, value in initial.items():  # alpha = 0: the centre never moves

@@ -33,8 +33,8 @@ end always (every worker makes as many updates: the last record is at the step o
 ``train_loss`` is at the count of gradients the workers have reported to the server by then. (Worker 0's own step t,
 as ``worker0/train_loss`` uses, would squeeze its lr curves into the first 1/N of the run's axis.)
 
-Checkpoint: x̃ (``state_dict``), every worker's x_i (``workers``) and worker 0's optimizer state at the end (sync;
-async: None, it stays in worker 0's process); no resume.
+Checkpoint: x̃ (``state_dict``), every worker's x_i (``workers``) and worker 0's optimizer state at the end
+(``optimizer_worker0``; async: sent to the server with its last x_i); no resume.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _sync_worker(p: loop.Problem, rank: int, n: int, record: loop.Report | None,
     if record is not None:
         record.effective_lr(opt.opt, t, n * t, force=True)
         loop.set_flat(centre_model, centre)
-        _finish(p, record, centre_model, everyone, opt, out, "easgd sync")
+        _finish(p, record, centre_model, everyone, opt.opt.state_dict(), out, "easgd sync")
 
 
 # --- asynchronous EASGD -----------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def _server(p: loop.Problem, workers: int, record: loop.Report, out: Path) -> No
     epochs = m.EpochCounter(workers, loop.steps_per_epoch(p, loop.shard(p, 0, workers)), cfg.trainer.max_epochs)
     delays = loop.Delays()
     updates, seen = 0, {}  # centre updates; per worker: `updates` after its last exchange
-    final = [None] * workers
+    final, opt_state = [None] * workers, None
     for src, h in m.serve(workers, 0):
         if h.kind == m.EXCHANGE:
             x = m.receive(numel, p.dtype, src, m.TAG_PAYLOAD)
@@ -145,6 +145,10 @@ def _server(p: loop.Problem, workers: int, record: loop.Report, out: Path) -> No
             seen[src] = updates
         elif h.kind == m.DONE:
             final[src - 1] = m.receive(numel, p.dtype, src, m.TAG_PAYLOAD)
+            if src == 1 and cfg.checkpoint.enabled:  # worker 0's optimizer state, for the checkpoint
+                received = [None]
+                dist.recv_object_list(received, src=1)
+                opt_state = received[0]
         if not math.isnan(h.loss):  # the header carries the worker's mean loss since its last message
             record.log({"train_loss": h.loss}, epochs.counted + h.counted)
             record.log({f"worker{src - 1}/train_loss": h.loss}, h.worker_step)
@@ -153,7 +157,7 @@ def _server(p: loop.Problem, workers: int, record: loop.Report, out: Path) -> No
             record.delays(delays, epochs.counted)
             record.epoch(epoch, epochs.counted, loop.evaluate(p))
     loop.set_flat(p.model, centre)
-    _finish(p, record, p.model, final, None, out, "easgd async")
+    _finish(p, record, p.model, final, opt_state, out, "easgd async")
 
 
 def _async_worker(p: loop.Problem, index: int, workers: int, record: loop.Report | None) -> None:
@@ -195,10 +199,23 @@ def _async_worker(p: loop.Problem, index: int, workers: int, record: loop.Report
         record.effective_lr(opt.opt, t, workers * t, force=True)
     message(m.DONE)
     m.send(loop.flat(p.model), 0, m.TAG_PAYLOAD)  # x_i at the end, for the checkpoint
+    if index == 0 and cfg.checkpoint.enabled:  # and worker 0's optimizer state (the sync checkpoint has it too)
+        dist.send_object_list([_to_cpu(opt.opt.state_dict())], dst=0)
 
 
 # --- the end ----------------------------------------------------------------------------------------------------
-def _finish(p, record, centre_model, workers: list, opt, out: Path, trainer: str) -> None:
+def _to_cpu(state):
+    """A state dict with every tensor on the CPU: it is pickled to the server, which may have no GPU."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_cpu(v) for v in state)
+    return state
+
+
+def _finish(p, record, centre_model, workers: list, opt_state: dict | None, out: Path, trainer: str) -> None:
     if not p.cfg.checkpoint.enabled:
         return
     shapes = copy.deepcopy(centre_model)
@@ -207,5 +224,5 @@ def _finish(p, record, centre_model, workers: list, opt, out: Path, trainer: str
         loop.set_flat(shapes, x)
         worker_states.append(loop.state_dict_like_lightning(shapes))
     record.checkpoint(out, {"state_dict": loop.state_dict_like_lightning(centre_model), "workers": worker_states,
-                            "optimizer_worker0": opt.opt.state_dict() if opt is not None else None,
+                            "optimizer_worker0": opt_state,
                             "optstudy": {"trainer": trainer}})
