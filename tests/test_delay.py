@@ -9,6 +9,7 @@ population member equals its standalone run; the staleness it records is the one
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -272,6 +273,26 @@ def test_the_run_records_the_staleness_it_applied(mlflow_uri, tmp_path):
     steps = [m.step for m in client.get_metric_history(result.run_id, "delay/mean")]
     assert steps[:2] == [10, 20] and steps[-1] == 46  # every log_every_n_steps, and at the end
 
+
+
+@pytest.mark.slow
+def test_delay_with_ddp_keeps_the_replicas_equal(mlflow_uri, tmp_path):
+    """trainer=ddp on 2 CPU processes with τ = 3: each rank delays the all-reduced gradient the same way, so the
+    replicas stay identical (ddp/param_max_diff, measured by the run) and the staleness is a single run's: 12 steps
+    an epoch (each rank half the data), 2 epochs, 21 gradients applied, 3 left in flight."""
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+         "trainer.delay=3", "trainer.max_epochs=2", "logger.experiment=ddp_delay", f"checkpoint.dir={tmp_path}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = MlflowClient(mlflow_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("ddp_delay").experiment_id])
+    metrics = run.data.metrics
+    assert metrics["ddp/param_max_diff"] == 0.0
+    expected = [min(s, 3) for s in range(24 - 3)]
+    assert metrics["delay/mean"] == pytest.approx(sum(expected) / len(expected), rel=1e-12)
+    assert (metrics["delay/max"], metrics["delay/applied"], metrics["delay/dropped"]) == (3, 21, 3)
 
 @pytest.mark.parametrize("value, message", [
     ("-1", "trainer.delay must be an integer >= 0 (steps) or a distribution, got -1"),

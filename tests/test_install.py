@@ -150,12 +150,12 @@ def test_a_users_project_with_its_own_model_data_configs_and_lightning_code(inst
 # PyPI's torchvision 0.28.0 (the release of torch 2.13) is a CUDA build: beside the CPU wheel of torch 2.13 that the
 # project installs, its extension does not load ("operator torchvision::nms does not exist"). torch 2.14.1 and
 # torchvision 0.29.1, both CUDA builds of the same release, run together on a CPU: a venv of their own holds them.
-TORCHVISION = ("torch==2.14.1", "torchvision==0.29.1")
+TORCHVISION = ("torch==2.14.1", "torchvision==0.29.1", "timm==1.0.31")
 
 
 @pytest.fixture
 def with_torchvision(wheel, tmp_path_factory):
-    """A fresh venv with torch, torchvision and optstudy's wheel; removed afterwards (it is 5.5 GB)."""
+    """A fresh venv with torch, torchvision, timm and optstudy's wheel; removed afterwards (it is 5.5 GB)."""
     venv = tmp_path_factory.mktemp("torchvision") / "venv"
     yield fresh_venv(venv, wheel, *TORCHVISION)
     shutil.rmtree(venv, ignore_errors=True)
@@ -163,7 +163,8 @@ def with_torchvision(wheel, tmp_path_factory):
 
 def test_a_torchvision_model_by_target_in_a_users_project(with_torchvision, elsewhere):
     """README "Your own model": a library's model by _target_ (conf/model/tv_resnet18.yaml: torchvision's ResNet-18,
-    num_classes from the data) trains on the project's own data as 3-channel images, from the installed wheel."""
+    num_classes from the data; conf/model/timm_resnet18.yaml: timm's, through timm.create_model with its arguments)
+    trains on the project's own data as 3-channel images, from the installed wheel."""
     bin_ = with_torchvision
     project = users_project(elsewhere)
     proc = run(bin_ / "optstudy", "train", "--config-dir", "conf", "model=tv_resnet18", "data=mydigits_rgb",
@@ -178,6 +179,13 @@ def test_a_torchvision_model_by_target_in_a_users_project(with_torchvision, else
     [run_] = client.search_runs([e.experiment_id for e in client.search_experiments()])  # the project's one run
     assert run_.data.params["model._target_"] == "torchvision.models.resnet18"
     assert run_.data.params["model.num_classes"] == "10" and run_.data.params["data.channels"] == "3"
+
+    proc = run(bin_ / "optstudy", "train", "--config-dir", "conf", "model=timm_resnet18", "data=mydigits_rgb",
+               "trainer.max_epochs=1", "logger.experiment=timm", cwd=project)
+    assert "val_loss = " in proc.stdout
+    [run_] = client.search_runs([client.get_experiment_by_name("timm").experiment_id])
+    assert run_.data.params["model._target_"] == "timm.create_model"
+    assert run_.data.params["model.model_name"] == "resnet18" and run_.data.params["model.in_chans"] == "3"
 
 
 def test_the_dashboard_is_served_from_the_installed_package(installed, elsewhere):
