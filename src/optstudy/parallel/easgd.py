@@ -205,7 +205,8 @@ def _async_worker(p: loop.Problem, index: int, workers: int, record: loop.Report
 
 # --- the end ----------------------------------------------------------------------------------------------------
 def _to_cpu(state):
-    """A state dict with every tensor on the CPU: it is pickled to the server, which may have no GPU."""
+    """A state dict with every tensor on the CPU, as the checkpoint's weights are: pickled as they are, worker 0's
+    CUDA tensors would be unpickled onto its GPU in the server's process."""
     if isinstance(state, torch.Tensor):
         return state.cpu()
     if isinstance(state, dict):

@@ -5,8 +5,7 @@
 Each key of ``population`` that holds a list is crossed with the others (the Cartesian product, seed varying
 fastest); a single value is the same for every member, as ``optimizer.<key>=value`` would be. Member k's config is
 the one ``python train.py`` would compose for it alone (its values in ``optimizer.*``, ``bound.*``, ``data.order`` and
-``seed``,
-``population`` back to its defaults), so its MLflow run carries exactly a standalone run's params.
+``seed``, ``population`` back to its defaults), so its MLflow run carries exactly a standalone run's params.
 """
 
 from __future__ import annotations
